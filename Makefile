@@ -1,0 +1,44 @@
+# Two commands from a fresh clone: `make run` (the pipeline) and `make test` (the suite).
+# Both create .venv and install the pinned dependencies once; later calls reuse them.
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install run test test-fast lint format bench ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(PY) -m rnnflow.envcheck
+	touch $(STAMP)
+
+run: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	pytest -m "slow or not slow"
+
+test-fast: $(STAMP)
+	pytest
+
+lint: $(STAMP)
+	ruff check src stages tests
+	ruff format --check src stages tests
+
+format: $(STAMP)
+	ruff format src stages tests
+	ruff check --fix src stages tests
+
+bench: $(STAMP)
+	python -m rnnflow.bench
+
+ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/prepared data/tokenizer data/packed data/reports metrics models reports \
+	       mlflow.db mlartifacts .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

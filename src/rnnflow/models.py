@@ -1,0 +1,143 @@
+"""Embedding -> recurrent core -> linear head on the last valid step, for every variant."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from rnnflow.config import ModelParams
+from rnnflow.text import PAD_ID
+from rnnflow.variants import VARIANTS
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (saved in checkpoints)."""
+
+    variant: str
+    vocab_size: int
+    num_classes: int
+    embedding_dim: int
+    hidden_size: int
+    num_layers: int
+    dropout: float
+    nonlinearity: str
+    bidirectional: bool
+
+    @classmethod
+    def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
+        """A config from a variant's merged params."""
+        return cls(variant, vocab_size, num_classes, **options.model_dump())
+
+    def to_dict(self) -> dict:
+        """Plain dict, for checkpoints and MLflow params."""
+        return asdict(self)
+
+
+class TorchRNNCore(nn.Module):
+    """nn.RNN / nn.LSTM / nn.GRU over packed sequences; returns the final state of each
+    sequence at its true length (and, bidirectional, the backward state at position 0)."""
+
+    def __init__(self, kind: str, cfg: ModelConfig):
+        super().__init__()
+        cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[kind]
+        extra = {"nonlinearity": cfg.nonlinearity} if kind == "rnn" else {}
+        self.rnn = cls(
+            cfg.embedding_dim,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            bidirectional=cfg.bidirectional,
+            **extra,
+        )
+        self.directions = 2 if cfg.bidirectional else 1
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, h_n = self.rnn(packed)
+        if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
+            h_n = h_n[0]
+        # h_n: [layers * directions, B, H]; the last layer's directions, side by side.
+        return h_n[-self.directions :].permute(1, 0, 2).flatten(1)
+
+
+class CellLoopCore(nn.Module):
+    """Stacked nn.RNNCell run step by step; padded steps never change the hidden state.
+
+    The loop is layer-major: layer i sees layer i-1's state at the same step, exactly as a
+    time-major loop would, but each layer's input projection (x @ W_ih + b_ih) is done for all
+    steps in one matmul, leaving only h @ W_hh inside the Python loop.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        sizes = [cfg.embedding_dim] + [cfg.hidden_size] * (cfg.num_layers - 1)
+        self.cells = nn.ModuleList(
+            nn.RNNCell(n_in, cfg.hidden_size, nonlinearity=cfg.nonlinearity) for n_in in sizes
+        )
+        self.activation = torch.tanh if cfg.nonlinearity == "tanh" else torch.relu
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = emb.shape
+        valid = torch.arange(steps, device=emb.device)[None, :] < lengths.to(emb.device)[:, None]
+        valid = valid.unsqueeze(-1)  # [B, T, 1]
+        x = emb
+        for layer, cell in enumerate(self.cells):
+            if layer:
+                x = self.dropout(x)
+            projected = F.linear(x, cell.weight_ih, cell.bias_ih)  # [B, T, H], all steps at once
+            h = emb.new_zeros(batch, cell.hidden_size)
+            outputs = []
+            for t in range(steps):
+                h_new = self.activation(projected[:, t] + F.linear(h, cell.weight_hh, cell.bias_hh))
+                h = torch.where(valid[:, t], h_new, h)  # h = m * h_new + (1 - m) * h, exactly
+                outputs.append(h)
+            x = torch.stack(outputs, dim=1)
+        return h
+
+
+def build_core(cfg: ModelConfig) -> nn.Module:
+    """The recurrent core a variant name stands for (see rnnflow.variants.VARIANTS)."""
+    kind = VARIANTS[cfg.variant].core
+    return CellLoopCore(cfg) if kind == "rnn_cell" else TorchRNNCore(kind, cfg)
+
+
+class RNNClassifier(nn.Module):
+    """tokens [B, T] int64 + lengths [B] int64 -> logits [B, classes]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
+        self.core = build_core(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
+        self.head = nn.Linear(features, cfg.num_classes)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.core(self.embedding(tokens), lengths)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def as_torch_rnn(model: RNNClassifier) -> RNNClassifier:
+    """The same function built on nn.RNN: a cell-loop model's weights carried into nn.RNN
+    (layer i's cell -> *_l{i}); other variants are returned unchanged. Used for ONNX export,
+    where a Python loop would be unrolled to one fixed length."""
+    if not isinstance(model.core, CellLoopCore):
+        return model
+    twin = RNNClassifier(model.cfg)
+    twin.core = TorchRNNCore("rnn", model.cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("core.")}
+    for i, cell in enumerate(model.core.cells):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            state[f"core.rnn.{name}_l{i}"] = getattr(cell, name).detach().clone()
+    twin.load_state_dict(state)
+    return twin.to(next(model.parameters()).device).train(model.training)

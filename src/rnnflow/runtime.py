@@ -1,0 +1,46 @@
+"""Seeds, threads and device: the same params give the same numbers on the same machine."""
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def setup(seed: int) -> torch.device:
+    """Seed every RNG, make kernels deterministic, set threads; return the device to use.
+
+    Threads: RNNFLOW_THREADS if set, else torch's default (one per core). CUDA is used when
+    present unless RNNFLOW_DEVICE says otherwise (e.g. RNNFLOW_DEVICE=cpu).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads := os.environ.get("RNNFLOW_THREADS"):
+        torch.set_num_threads(int(threads))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return device()
+
+
+def device() -> torch.device:
+    """cuda when available (and not overridden by RNNFLOW_DEVICE), else cpu."""
+    wanted = os.environ.get("RNNFLOW_DEVICE")
+    if wanted:
+        return torch.device(wanted)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rng_state() -> dict:
+    """The torch RNG states (dropout); batch order is derived from (seed, epoch) instead."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() saved."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,276 @@
+"""Stage train@VARIANT: one training loop for every variant, with early stopping and resume."""
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rnnflow import checkpoint, runtime, tracking
+from rnnflow.atomic import write_json
+from rnnflow.batching import PackedSplit, make_loader
+from rnnflow.config import Params
+from rnnflow.models import ModelConfig, RNNClassifier, count_parameters
+from rnnflow.paths import DATA_REPORTS, PACKED, TOKENIZER_DIR, metrics_file
+from rnnflow.paths import checkpoint as checkpoint_path
+from rnnflow.text import file_hash, load_tokenizer
+from rnnflow.vocab import labels_path, load_labels
+
+RESUME_DIR = Path(".rnnflow/resume")
+
+
+@dataclass
+class EpochResult:
+    """Loss and accuracy over one pass, with the real-token count and time it took."""
+
+    loss: float
+    accuracy: float
+    tokens: int
+    seconds: float
+    grad_norm_mean: float = math.nan
+    grad_norm_max: float = math.nan
+
+
+def run_epoch(model, loader, device, optimizer=None, clip_norm=None, desc="") -> EpochResult:
+    """One pass over `loader`; trains when an optimizer is given, else only evaluates."""
+    training = optimizer is not None
+    model.train(training)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct, seen, tokens, norms = 0.0, 0, 0, 0, []
+    start = time.perf_counter()
+    with torch.set_grad_enabled(training):
+        for x, lengths, y in tqdm(loader, desc=desc, leave=False, disable=None):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x, lengths)  # a fresh (zero) hidden state for every batch
+            loss = loss_fn(logits, y)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                (loss / len(y)).backward()
+                norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
+                optimizer.step()
+            total_loss += float(loss.detach())
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            tokens += int(lengths.sum())
+    return EpochResult(
+        loss=total_loss / seen,
+        accuracy=correct / seen,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+        grad_norm_mean=float(np.mean(norms)) if norms else math.nan,
+        grad_norm_max=float(np.max(norms)) if norms else math.nan,
+    )
+
+
+def majority_baseline(train: PackedSplit, val: PackedSplit) -> float:
+    """Validation accuracy of always predicting the most frequent training class."""
+    majority = np.bincount(train.labels).argmax()
+    return float((val.labels == majority).mean())
+
+
+def plot_history(history: list[dict], variant: str, path: Path) -> None:
+    """Loss and accuracy curves of one variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
+    ax2.plot(epochs, [h["val_acc"] for h in history], label="val")
+    ax1.set(xlabel="epoch", ylabel="loss", title=f"{variant}: loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title=f"{variant}: accuracy")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _resume_state(path: Path, key: dict) -> dict | None:
+    """The last complete epoch of an interrupted run with the same key, if there is one."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        path.unlink()  # a state we cannot read is no state: start over
+        return None
+    return state if state.get("key") == key else None
+
+
+def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
+    """Train one variant; write its best checkpoint, metrics and history; log to MLflow."""
+    device = runtime.setup(params.seed)
+    vocab_hash = file_hash(TOKENIZER_DIR / "tokenizer.json")
+    classes = load_labels(labels_path())
+    cfg = ModelConfig.of(
+        variant,
+        params.variant(variant),
+        load_tokenizer(TOKENIZER_DIR / "tokenizer.json").get_vocab_size(),
+        len(classes),
+    )
+    train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
+    model = RNNClassifier(cfg).to(device)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay
+    )
+    train_loader = make_loader(
+        train, params.pack.batch_size, params.pack.bucket_pool, shuffle=True, seed=params.seed
+    )
+    val_loader = make_loader(val, params.pack.batch_size, params.pack.bucket_pool, False, 0)
+
+    run_params = {
+        "model": cfg.to_dict(),
+        "train": params.train.model_dump(),
+        "pack": params.pack.model_dump(),
+        "seed": params.seed,
+    }
+    key = {
+        "params": run_params,
+        "vocab_hash": vocab_hash,
+        "data": file_hash(packed_dir / "train.npz"),
+    }
+    resume_path = RESUME_DIR / f"{variant}.pt"
+    state = _resume_state(resume_path, key)
+    history, best, bad_epochs, start_epoch, run_id = [], None, 0, 1, None
+    if state:
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        runtime.set_rng_state(state["rng"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        print(f"train@{variant}: resuming after epoch {state['epoch']}")
+
+    tracking.configure()
+    stale = tracking.fail_stale_runs(variant)
+    tags = {
+        "rnnflow.variant": variant,
+        "rnnflow.commit": tracking.git_commit(),
+        "rnnflow.data_source": params.data.source,
+        "rnnflow.dataset": key["data"],
+        "rnnflow.vocab_hash": vocab_hash,
+    }
+    if stale:
+        tags["rnnflow.replaces_failed_runs"] = ",".join(stale)
+    if state:
+        tags["rnnflow.resumed_from_epoch"] = str(state["epoch"])
+    with tracking.stage_run("train", run_name=variant, tags=tags) as run:
+        import mlflow
+
+        run_id = run.info.run_id
+        mlflow.log_params(
+            tracking.flatten(run_params) | {"model.parameters": count_parameters(model)}
+        )
+        for past in history:
+            mlflow.log_metrics({k: v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
+        for epoch in range(start_epoch, params.train.epochs + 1):
+            train_loader.batch_sampler.set_epoch(epoch)
+            tr = run_epoch(
+                model,
+                train_loader,
+                device,
+                optimizer,
+                params.train.clip_norm,
+                desc=f"{variant} epoch {epoch}",
+            )
+            va = run_epoch(model, val_loader, device)
+            row = {
+                "epoch": epoch,
+                "train_loss": tr.loss,
+                "train_acc": tr.accuracy,
+                "val_loss": va.loss,
+                "val_acc": va.accuracy,
+                "grad_norm_mean": tr.grad_norm_mean,
+                "grad_norm_max": tr.grad_norm_max,
+            }
+            history.append(row)
+            mlflow.log_metrics(
+                {k: v for k, v in row.items() if k != "epoch"}
+                | {"tokens_per_second": tr.tokens / tr.seconds},
+                step=epoch,
+            )
+            print(
+                f"train@{variant} epoch {epoch}: train loss {tr.loss:.4f} "
+                f"acc {tr.accuracy:.3f} | val loss {va.loss:.4f} acc {va.accuracy:.3f} | "
+                f"{tr.tokens / tr.seconds:,.0f} tok/s"
+            )
+            if best is None or va.loss < best["val_loss"]:
+                best, bad_epochs = {"epoch": epoch, "val_loss": va.loss, "val_acc": va.accuracy}, 0
+                checkpoint.save(
+                    checkpoint_path(variant),
+                    {
+                        "model_state": model.state_dict(),
+                        "optimizer_state": optimizer.state_dict(),
+                        "epoch": epoch,
+                        "model_config": cfg.to_dict(),
+                        "params": run_params,
+                        "vocab_hash": vocab_hash,
+                        "labels": classes,
+                        "mlflow_run_id": run_id,
+                    },
+                )
+            else:
+                bad_epochs += 1
+            seconds = (state or {}).get("seconds", 0.0) + tr.seconds
+            tokens = (state or {}).get("tokens", 0) + tr.tokens
+            state = {
+                "key": key,
+                "epoch": epoch,
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "rng": runtime.rng_state(),
+                "history": history,
+                "best": best,
+                "bad_epochs": bad_epochs,
+                "seconds": seconds,
+                "tokens": tokens,
+            }
+            checkpoint.save(resume_path, state)
+            if bad_epochs >= params.train.patience:
+                break
+
+        metrics = {
+            "best_epoch": best["epoch"],
+            "best_val_loss": best["val_loss"],
+            "best_val_acc": best["val_acc"],
+            "epochs_run": len(history),
+            "majority_baseline_val_acc": majority_baseline(train, val),
+            "parameters": count_parameters(model),
+        }
+        timing = {
+            "train_seconds": state["seconds"],
+            "train_tokens_per_second": state["tokens"] / state["seconds"],
+        }
+        write_json(metrics_file("train", variant), metrics)
+        write_json(metrics_file("timing", f"train_{variant}"), timing)
+        write_json(metrics_file("history", variant), history)
+        mlflow.log_metrics(metrics | timing)
+        _log_train_artifacts(model, history, variant)
+    resume_path.unlink(missing_ok=True)
+    return metrics | timing
+
+
+def _log_train_artifacts(model: RNNClassifier, history: list[dict], variant: str) -> None:
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "model_summary.txt"
+        summary.write_text(f"{model}\n\ntrainable parameters: {count_parameters(model):,}\n")
+        plot_history(history, variant, Path(tmp) / "curves.png")
+        mlflow.log_artifact(str(summary))
+        mlflow.log_artifact(str(Path(tmp) / "curves.png"))
+    mlflow.log_artifact(str(checkpoint_path(variant)), "checkpoint")
+    mlflow.log_artifact("params.yaml")
+    for report in ("prepare.json", "pack.json"):
+        if (DATA_REPORTS / report).exists():
+            mlflow.log_artifact(str(DATA_REPORTS / report), "data_reports")

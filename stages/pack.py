@@ -1,0 +1,18 @@
+"""DVC stage pack: prepared splits + tokenizer -> data/packed/*.npz + padding report."""
+
+from rnnflow.config import load_params
+from rnnflow.errors import run_cli
+from rnnflow.pack import pack
+
+
+def main() -> None:
+    report = pack(load_params())
+    pad = report["padding_train_epoch"]
+    print(
+        f"pack: pad fraction {pad['bucketed']['pad_fraction']:.2%} bucketed vs "
+        f"{pad['global_max']['pad_fraction']:.2%} padded to the global max"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main, "pack")

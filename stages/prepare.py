@@ -1,0 +1,17 @@
+"""DVC stage prepare: raw labelled text -> data/prepared/{train,val,test}.jsonl + report."""
+
+from rnnflow.config import load_params
+from rnnflow.errors import run_cli
+from rnnflow.prepare import prepare
+
+
+def main() -> None:
+    report = prepare(load_params())
+    print(
+        f"prepare: {report['rows_kept']} rows, {report['classes']} classes, "
+        f"splits {report['split_sizes']}, dropped {report['dropped']}"
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main, "prepare")
