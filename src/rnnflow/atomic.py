@@ -25,11 +25,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except OSError as err:
+    except BaseException as err:
         tmp_path.unlink(missing_ok=True)
-        raise RnnflowError(f"cannot write {path}: {err.strerror or err}") from err
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(err, PermissionError | IsADirectoryError) or (
+            isinstance(err, OSError) and err.filename in (str(tmp_path), tmp_path)
+        ):
+            raise RnnflowError(f"cannot write {path}: {err.strerror or err}") from err
         raise
 
 

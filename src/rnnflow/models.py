@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnnflow.config import ModelParams
 from rnnflow.text import PAD_ID
@@ -37,8 +37,8 @@ class ModelConfig:
 
 
 class TorchRNNCore(nn.Module):
-    """nn.RNN / nn.LSTM / nn.GRU over packed sequences; returns the final state of each
-    sequence at its true length (and, bidirectional, the backward state at position 0)."""
+    """nn.RNN / nn.LSTM / nn.GRU over packed sequences; returns the last layer's state at each
+    sequence's true last step (and, bidirectional, the backward direction's at position 0)."""
 
     def __init__(self, kind: str, cfg: ModelConfig):
         super().__init__()
@@ -57,11 +57,17 @@ class TorchRNNCore(nn.Module):
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, h_n = self.rnn(packed)
-        if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
-            h_n = h_n[0]
-        # h_n: [layers * directions, B, H]; the last layer's directions, side by side.
-        return h_n[-self.directions :].permute(1, 0, 2).flatten(1)
+        out, _ = self.rnn(packed)
+        # Read the last layer's states from its output sequence rather than from h_n: the
+        # same numbers, and the TorchScript ONNX exporter (torch 2.13) crashes on one-layer
+        # modules whose output sequence is left unused.
+        out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T, directions * H]
+        hidden = self.rnn.hidden_size
+        last = (lengths.to(out.device) - 1).clamp(min=0)
+        forward = out[torch.arange(out.shape[0], device=out.device), last, :hidden]
+        if self.directions == 1:
+            return forward
+        return torch.cat([forward, out[:, 0, hidden:]], dim=1)  # backward state at position 0
 
 
 class CellLoopCore(nn.Module):

@@ -114,3 +114,12 @@ def run_exists(run_id: str | None) -> bool:
         return True
     except Exception:
         return False
+
+
+def variant_run(stage: str, variant: str, run_id: str | None):
+    """Reopen the variant's training run for a later stage; if this tracking store does not
+    know it (e.g. the checkpoint came from another store), start a new run for the variant."""
+    configure()
+    if run_exists(run_id):
+        return stage_run(stage, run_id=run_id)
+    return stage_run(stage, run_name=variant, tags={"rnnflow.variant": variant})

@@ -1,0 +1,116 @@
+"""Stage compare: one leaderboard across variants (markdown, PNG, JSON), logged to MLflow."""
+
+from pathlib import Path
+
+from rnnflow import tracking
+from rnnflow.atomic import atomic_path, read_json, write_json, write_text
+from rnnflow.config import Params
+from rnnflow.paths import REPORTS, bundle_dir, metrics_file
+
+COLUMNS = (
+    ("variant", "variant", "{}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_macro_f1", "macro-F1", "{:.4f}"),
+    ("best_val_acc", "val acc", "{:.4f}"),
+    ("parameters", "params", "{:,}"),
+    ("epochs_run", "epochs", "{}"),
+    ("train_seconds", "train s", "{:.1f}"),
+    ("train_tokens_per_second", "train tok/s", "{:,.0f}"),
+    ("latency_ms_batch1_p50", "latency b=1 ms", "{:.2f}"),
+    ("onnx_max_abs_diff", "ONNX max abs diff", "{:.1e}"),
+    ("onnx_parity", "ONNX parity", "{}"),
+)
+
+
+def leaderboard_rows(variants: list[str]) -> list[dict]:
+    """One row per variant from its train/eval/validate metrics, best test accuracy first."""
+    rows = []
+    for v in variants:
+        train = read_json(metrics_file("train", v))
+        evaluation = read_json(metrics_file("eval", v))
+        parity = read_json(metrics_file("validate", v))
+        timing = read_json(metrics_file("timing", f"train_{v}")) | read_json(
+            metrics_file("timing", f"eval_{v}")
+        )
+        rows.append(
+            {
+                "variant": v,
+                "test_accuracy": evaluation["accuracy"],
+                "test_macro_f1": evaluation["macro_f1"],
+                "best_val_acc": train["best_val_acc"],
+                "majority_baseline_val_acc": train["majority_baseline_val_acc"],
+                "parameters": train["parameters"],
+                "epochs_run": train["epochs_run"],
+                "train_seconds": timing["train_seconds"],
+                "train_tokens_per_second": timing["train_tokens_per_second"],
+                "latency_ms_batch1_p50": timing["latency_ms_batch1_p50"],
+                "onnx_max_abs_diff": parity["max_abs_diff"],
+                "onnx_parity": "pass" if parity["passed"] else "FAIL",
+            }
+        )
+    return sorted(rows, key=lambda r: (-r["test_accuracy"], r["variant"]))
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The leaderboard as a markdown table."""
+    lines = [
+        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    baseline = rows[0]["majority_baseline_val_acc"] if rows else float("nan")
+    lines.append(f"\nMajority-class baseline (val): {baseline:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_leaderboard(rows: list[dict], path: Path) -> None:
+    """Bar chart: test accuracy and macro-F1 per variant, and training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r["variant"] for r in rows]
+    x = np.arange(len(rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(x - 0.2, [r["test_accuracy"] for r in rows], 0.4, label="test accuracy")
+    ax1.bar(x + 0.2, [r["test_macro_f1"] for r in rows], 0.4, label="macro-F1")
+    ax1.axhline(rows[0]["majority_baseline_val_acc"], color="k", ls="--", label="majority")
+    ax1.set_xticks(x, names, rotation=30)
+    ax1.set(ylim=(0, 1), title="Quality (test split)")
+    ax1.legend(loc="lower right")
+    ax2.bar(x, [r["train_seconds"] for r in rows], color="tab:orange")
+    ax2.set_xticks(x, names, rotation=30)
+    ax2.set(ylabel="seconds", title="Training time")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def compare(params: Params) -> list[dict]:
+    """Write reports/leaderboard.{md,json,png}; log them to MLflow in a parent run whose
+    children are the variants' runs, so the MLflow UI groups the six side by side."""
+    variants = list(params.model.variants)
+    rows = leaderboard_rows(variants)
+    md = to_markdown(rows)
+    write_text(REPORTS / "leaderboard.md", md)
+    write_json(REPORTS / "leaderboard.json", rows)
+    plot_leaderboard(rows, REPORTS / "leaderboard.png")
+    run_ids = {v: read_json(bundle_dir(v) / "bundle.json").get("mlflow_run_id") for v in variants}
+    with tracking.stage_run(
+        "compare", run_name="leaderboard", tags={"rnnflow.kind": "leaderboard"}
+    ):
+        import mlflow
+
+        parent = mlflow.active_run().info.run_id
+        for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
+            mlflow.log_artifact(str(REPORTS / name))
+        client = mlflow.MlflowClient()
+        for variant, run_id in run_ids.items():
+            if tracking.run_exists(run_id):
+                client.set_tag(run_id, "mlflow.parentRunId", parent)
+                mlflow.set_tag(f"rnnflow.run.{variant}", run_id)
+    return rows

@@ -1,0 +1,117 @@
+"""Stage evaluate@VARIANT: test-split quality, confusion matrix and inference latency."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnflow import checkpoint, runtime, tracking
+from rnnflow.atomic import atomic_path, write_json
+from rnnflow.batching import PackedSplit, make_loader
+from rnnflow.config import Params
+from rnnflow.paths import PACKED, REPORTS, TOKENIZER_DIR, metrics_file
+from rnnflow.paths import checkpoint as checkpoint_path
+from rnnflow.text import file_hash
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    k = len(classes)
+    confusion = np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(confusion).astype(float)
+    predicted, actual = confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
+    return {
+        "accuracy": float(tp.sum() / confusion.sum()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, actual, strict=True)
+        },
+        "confusion_matrix": confusion.tolist(),
+        "classes": classes,
+    }
+
+
+@torch.no_grad()
+def predict_split(model, split: PackedSplit, batch_size: int, device) -> tuple[np.ndarray, ...]:
+    """Logits and labels of a whole split (in bucketed order)."""
+    model.eval().to(device)
+    logits, labels = [], []
+    for x, lengths, y in make_loader(split, batch_size, pool=50, shuffle=False, seed=0):
+        logits.append(model(x.to(device), lengths).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+@torch.no_grad()
+def latency_ms(model, split: PackedSplit, batch_size: int, repeats: int = 50) -> dict:
+    """Median and p95 wall time of one forward pass on CPU at a given batch size."""
+    model.eval().cpu()
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(repeats + 5):
+        x, lengths, _ = split.batch(rng.choice(len(split), size=batch_size))
+        x, lengths = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(lengths)
+        start = time.perf_counter()
+        model(x, lengths)
+        if i >= 5:  # warm-up excluded
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"p50": float(np.median(times)), "p95": float(np.percentile(times, 95))}
+
+
+def plot_confusion(report: dict, title: str, path: Path) -> None:
+    """Row-normalized confusion matrix as a heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.array(report["confusion_matrix"], dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    classes = report["classes"]
+    size = 3 + 0.45 * len(classes)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+    fig.colorbar(im, ax=ax, label="fraction of actual class")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def evaluate_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
+    """Score the best checkpoint on the test split; write metrics, plot; log to MLflow."""
+    device = runtime.setup(params.seed)
+    model, payload = checkpoint.load_model(
+        checkpoint_path(variant), file_hash(TOKENIZER_DIR / "tokenizer.json")
+    )
+    test = PackedSplit.load(packed_dir / "test.npz")
+    logits, labels = predict_split(model, test, params.pack.batch_size, device)
+    report = classification_report(labels, logits.argmax(1), payload["labels"])
+    report["test_examples"] = len(labels)
+    timing = {
+        f"latency_ms_batch{b}_{q}": v
+        for b in (1, params.pack.batch_size)
+        for q, v in latency_ms(model, test, b).items()
+    }
+    write_json(metrics_file("eval", variant), report)
+    write_json(metrics_file("timing", f"eval_{variant}"), timing)
+    png = REPORTS / "confusion" / f"{variant}.png"
+    plot_confusion(report, f"{variant}: test accuracy {report['accuracy']:.3f}", png)
+    with tracking.variant_run("evaluate", variant, payload.get("mlflow_run_id")):
+        import mlflow
+
+        mlflow.log_metrics(
+            {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]} | timing
+        )
+        mlflow.log_dict(report, "evaluation/test_report.json")
+        mlflow.log_artifact(str(png), "evaluation")
+    return report | timing

@@ -1,0 +1,24 @@
+"""The command line shared by the per-variant DVC stages: `python -m stages.X VARIANT`."""
+
+import argparse
+from collections.abc import Callable
+
+from rnnflow.config import Params, load_params
+from rnnflow.errors import run_cli
+
+
+def variant_stage(name: str, run: Callable[[Params, str], dict], description: str) -> None:
+    """Parse VARIANT, validate params.yaml, run the stage, print a one-line summary."""
+
+    def main() -> None:
+        parser = argparse.ArgumentParser(prog=f"stages.{name}", description=description)
+        parser.add_argument("variant", help="a name listed under model.variants in params.yaml")
+        parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        args = parser.parse_args()
+        params = load_params()
+        params.variant(args.variant)  # an unknown variant fails here, before any work
+        result = run(params, args.variant)
+        flat = ", ".join(f"{k}={v}" for k, v in result.items() if not isinstance(v, dict | list))
+        print(f"{name}@{args.variant}: {flat}")
+
+    run_cli(main, name)

@@ -1,0 +1,129 @@
+"""Stage validate@VARIANT: the shipped ONNX must equal PyTorch, or the pipeline stops."""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnflow import checkpoint, tracking
+from rnnflow.atomic import write_json
+from rnnflow.batching import BucketBatchSampler, PackedSplit
+from rnnflow.config import Params
+from rnnflow.errors import RnnflowError
+from rnnflow.paths import PACKED, bundle_dir, metrics_file
+from rnnflow.paths import checkpoint as checkpoint_path
+from rnnflow.predict import Predictor
+from rnnflow.text import file_hash
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def _random_batch(rng, vocab: int, lengths: list[int]) -> Batch:
+    lengths = np.array(lengths, dtype=np.int64)
+    tokens = rng.integers(2, vocab, size=(len(lengths), int(lengths.max()))).astype(np.int64)
+    tokens[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
+    return tokens, lengths
+
+
+def parity_cases(test: PackedSplit, batch_size: int, max_len: int, vocab: int) -> Iterator:
+    """(case name, batch) pairs: the whole test split, then edge shapes."""
+    for index in BucketBatchSampler(test.lengths, batch_size, pool=50, shuffle=False):
+        tokens, lengths, _ = test.batch(index)
+        yield "test_split", (tokens.astype(np.int64), lengths)
+    rng = np.random.default_rng(0)
+    longest = int(np.argmax(test.lengths))
+    tokens, lengths, _ = test.batch(np.array([longest]))
+    yield "longest_test_sequence", (tokens.astype(np.int64), lengths)
+    yield "batch_1", _random_batch(rng, vocab, [5])
+    yield "length_1", _random_batch(rng, vocab, [1, 1, 1])
+    yield "unsorted_lengths", _random_batch(rng, vocab, [3, max_len, 1, 7, 2, max_len // 2 + 1])
+    yield (
+        "batch_larger_than_export_example",
+        _random_batch(rng, vocab, rng.integers(1, max_len + 1, size=257).tolist()),
+    )
+    yield "every_length_to_max_len", _random_batch(rng, vocab, list(range(1, max_len + 1)))
+    yield "all_max_len", _random_batch(rng, vocab, [max_len] * 4)
+
+
+def check_parity(
+    torch_fn: Callable[[Batch], np.ndarray],
+    onnx_fn: Callable[[Batch], np.ndarray],
+    cases: Iterator,
+    atol: float,
+) -> dict:
+    """Compare logits per case; report max/mean |delta| and argmax agreement."""
+    per_case: dict[str, dict] = {}
+    for name, batch in cases:
+        a, b = torch_fn(batch), onnx_fn(batch)
+        if a.shape != b.shape:
+            raise RnnflowError(
+                f"parity: case {name}: shapes differ, torch {a.shape} vs onnx {b.shape}"
+            )
+        diff = np.abs(a - b)
+        case = per_case.setdefault(name, {"max_abs_diff": 0.0, "sum_abs": 0.0, "n": 0, "agree": 0})
+        case["max_abs_diff"] = max(case["max_abs_diff"], float(diff.max()))
+        case["sum_abs"] += float(diff.sum())
+        case["n"] += diff.size
+        case["agree"] += int((a.argmax(1) == b.argmax(1)).sum())
+        case["examples"] = case.get("examples", 0) + len(a)
+    cases_out = {
+        name: {
+            "max_abs_diff": c["max_abs_diff"],
+            "mean_abs_diff": c["sum_abs"] / c["n"],
+            "argmax_agreement": c["agree"] / c["examples"],
+            "examples": c["examples"],
+        }
+        for name, c in per_case.items()
+    }
+    max_diff = max(c["max_abs_diff"] for c in cases_out.values())
+    agreement = min(c["argmax_agreement"] for c in cases_out.values())
+    return {
+        "atol": atol,
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": float(np.mean([c["mean_abs_diff"] for c in cases_out.values()])),
+        "argmax_agreement": agreement,
+        "passed": bool(max_diff <= atol and agreement == 1.0),
+        "cases": cases_out,
+    }
+
+
+def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
+    """Run the parity gate for one variant; raise (non-zero exit) if ONNX differs from torch."""
+    predictor = Predictor(bundle_dir(variant))
+    model, payload = checkpoint.load_model(
+        checkpoint_path(variant), file_hash(bundle_dir(variant) / "tokenizer.json")
+    )
+
+    @torch.no_grad()
+    def torch_fn(batch: Batch) -> np.ndarray:
+        return model(torch.from_numpy(batch[0]), torch.from_numpy(batch[1])).numpy()
+
+    def onnx_fn(batch: Batch) -> np.ndarray:
+        return predictor.logits(*batch)
+
+    test = PackedSplit.load(packed_dir / "test.npz")
+    cases = parity_cases(
+        test, params.pack.batch_size, params.pack.max_len, payload["model_config"]["vocab_size"]
+    )
+    report = check_parity(torch_fn, onnx_fn, cases, params.parity.atol)
+    with tracking.variant_run("validate", variant, payload.get("mlflow_run_id")):
+        import mlflow
+
+        mlflow.log_metrics(
+            {
+                "onnx_max_abs_diff": report["max_abs_diff"],
+                "onnx_argmax_agreement": report["argmax_agreement"],
+                "onnx_parity_passed": float(report["passed"]),
+            }
+        )
+        mlflow.log_dict(report, "validation/parity.json")
+        if not report["passed"]:  # raised inside the run, so the run is marked FAILED
+            worst = max(report["cases"].items(), key=lambda kv: kv[1]["max_abs_diff"])
+            raise RnnflowError(
+                f"{bundle_dir(variant)}/model.onnx: parity gate FAILED - max |delta logits| "
+                f"{report['max_abs_diff']:.3g} (allowed {params.parity.atol:g}), argmax "
+                f"agreement {report['argmax_agreement']:.4f}; worst case '{worst[0]}'"
+            )
+    write_json(metrics_file("validate", variant), report)
+    return report
