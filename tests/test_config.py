@@ -20,7 +20,12 @@ def _load_with(tmp_path, mutate):
 def test_repository_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert list(params.model.variants) == [
-        "rnn", "rnn_deep", "rnn_cell", "rnn_cell_deep", "lstm", "gru"
+        "rnn",
+        "rnn_deep",
+        "rnn_cell",
+        "rnn_cell_deep",
+        "lstm",
+        "gru",
     ]
     assert params.variant("rnn_deep").num_layers == 2
     assert params.variant("lstm").hidden_size == params.model.defaults.hidden_size

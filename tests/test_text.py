@@ -2,7 +2,7 @@
 
 import json
 
-from rnnflow.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, load_tokenizer, pad_batch
+from rnnflow.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, pad_batch
 from rnnflow.vocab import fit_vocabulary
 
 from .conftest import small_params, write_params
@@ -21,7 +21,10 @@ def test_word_level_min_freq_and_max_vocab():
     tok = build_tokenizer(texts, "word", lowercase=True, min_freq=2, max_vocab=100)
     assert set(tok.get_vocab()) == {"<pad>", "<unk>", "the", "sat"}
     assert encode(tok, ["The cat SAT!"], 10)[0] == [
-        tok.token_to_id("the"), UNK_ID, tok.token_to_id("sat"), UNK_ID
+        tok.token_to_id("the"),
+        UNK_ID,
+        tok.token_to_id("sat"),
+        UNK_ID,
     ]
     small = build_tokenizer(texts, "word", lowercase=True, min_freq=1, max_vocab=4)
     assert small.get_vocab_size() == 4  # the two specials and the two most frequent words

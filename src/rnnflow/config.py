@@ -85,6 +85,7 @@ class ExportParams(_Strict):
 
 class ParityParams(_Strict):
     atol: float = Field(1e-5, gt=0)
+    rtol: float = Field(0.0, ge=0)
 
 
 class Params(_Strict):
