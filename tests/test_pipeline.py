@@ -73,6 +73,17 @@ def test_full_pipeline_from_a_fresh_copy(repo_copy):
     assert json.loads(pred.stdout)["text"] == "Tremblay"
 
 
+def test_two_full_runs_give_identical_metrics(repo_copy):
+    if not (repo_copy / "dvc.lock").exists():
+        pytest.skip("needs the full run above")
+    kinds = ("train", "eval", "validate")
+    first = {p: p.read_bytes() for k in kinds for p in (repo_copy / "metrics" / k).glob("*.json")}
+    assert len(first) == 3 * len(VARIANTS)
+    _run("dvc repro --force", repo_copy)
+    second = {p: p.read_bytes() for p in first}
+    assert second == first
+
+
 def test_param_change_reruns_only_what_depends_on_it(repo_copy):
     if not (repo_copy / "dvc.lock").exists():
         pytest.skip("needs the full run above")

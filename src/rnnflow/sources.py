@@ -109,6 +109,15 @@ def _read_text(path: Path) -> str:
     return raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
+def _csv_rows(path: Path, reader) -> Iterable:
+    """Rows of a csv reader; a malformed file is an error naming the line."""
+    csv.field_size_limit(2**31 - 1)  # long texts are truncated later, not refused here
+    try:
+        yield from reader
+    except csv.Error as err:
+        raise RnnflowError(f"{path}: line {reader.line_num}: malformed ({err})") from err
+
+
 def read_delimited(path: Path, delimiter: str, text_col: str, label_col: str) -> RawTable:
     """Read a CSV/TSV file with a header row naming the text and label columns."""
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter)
@@ -122,7 +131,7 @@ def read_delimited(path: Path, delimiter: str, text_col: str, label_col: str) ->
             f"{path}: missing column(s) {', '.join(map(repr, missing))} (header has {header}){hint}"
         )
     table = RawTable(origin=str(path))
-    for row in reader:
+    for row in _csv_rows(path, reader):
         table.add(row.get(text_col), row.get(label_col))
     if not table.texts and not table.dropped:
         raise RnnflowError(f"{path}: has a header but no data rows")
@@ -166,7 +175,7 @@ class Benchmark:
 def _parse_ag_news(paths: list[Path]) -> RawTable:
     table = RawTable(origin="AG News (Zhang et al. 2015)")
     for path in paths:
-        for row in csv.reader(io.StringIO(_read_text(path), newline="")):
+        for row in _csv_rows(path, csv.reader(io.StringIO(_read_text(path), newline=""))):
             if len(row) != 3:
                 table.dropped["malformed_row"] += 1
                 continue
