@@ -33,6 +33,7 @@ format: $(STAMP)
 	ruff check --fix src stages tests
 
 bench: $(STAMP)
+	dvc repro pack
 	python -m rnnflow.bench
 
 ui: $(STAMP)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import mlflow
+import torch
 
 from .conftest import REPO, small_params, write_params
 
@@ -48,6 +49,7 @@ def test_killed_training_resumes_to_identical_metrics(data_workspace, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert state.exists() and not (ws / "metrics/train/gru.json").exists()
+    (ws / "models/gru/checkpoint.pt").unlink(missing_ok=True)  # dvc repro removes outputs
 
     resumed = _train(ws, env)
     out, _ = resumed.communicate(timeout=300)
@@ -57,6 +59,10 @@ def test_killed_training_resumes_to_identical_metrics(data_workspace, tmp_path):
         runs["clean"] / "metrics/train/gru.json"
     ).read_bytes()
     assert not state.exists()
+    a = torch.load(ws / "models/gru/checkpoint.pt", weights_only=True)
+    b = torch.load(runs["clean"] / "models/gru/checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"]
+    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     finished = mlflow.search_runs(

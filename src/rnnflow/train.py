@@ -106,15 +106,35 @@ def _resume_state(path: Path, key: dict) -> dict | None:
     return state if state.get("key") == key else None
 
 
+def _run_tags(params: Params, variant: str, key: dict, stale: list[str], resumed) -> dict:
+    tags = {
+        "rnnflow.variant": variant,
+        "rnnflow.commit": tracking.git_commit(),
+        "rnnflow.data_source": params.data.source,
+        "rnnflow.dataset": key["data"],
+        "rnnflow.vocab_hash": key["vocab_hash"],
+    }
+    if stale:
+        tags["rnnflow.replaces_failed_runs"] = ",".join(stale)
+    if resumed:
+        tags["rnnflow.resumed_from_epoch"] = str(resumed["epoch"])
+    return tags
+
+
 def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
-    """Train one variant; write its best checkpoint, metrics and history; log to MLflow."""
+    """Train one variant; write its best checkpoint, metrics and history; log to MLflow.
+
+    After every epoch the whole training state (weights, optimizer, RNG, history, best
+    weights so far) is saved atomically under .rnnflow/resume/; a killed run started again
+    with the same params and data continues from there and ends with the same metrics.
+    """
     device = runtime.setup(params.seed)
-    vocab_hash = file_hash(TOKENIZER_DIR / "tokenizer.json")
     classes = load_labels(labels_path())
+    tokenizer_file = TOKENIZER_DIR / "tokenizer.json"
     cfg = ModelConfig.of(
         variant,
         params.variant(variant),
-        load_tokenizer(TOKENIZER_DIR / "tokenizer.json").get_vocab_size(),
+        load_tokenizer(tokenizer_file).get_vocab_size(),
         len(classes),
     )
     train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
@@ -122,10 +142,9 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
     optimizer = torch.optim.Adam(
         model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay
     )
-    train_loader = make_loader(
-        train, params.pack.batch_size, params.pack.bucket_pool, shuffle=True, seed=params.seed
-    )
-    val_loader = make_loader(val, params.pack.batch_size, params.pack.bucket_pool, False, 0)
+    batch, pool = params.pack.batch_size, params.pack.bucket_pool
+    train_loader = make_loader(train, batch, pool, shuffle=True, seed=params.seed)
+    val_loader = make_loader(val, batch, pool, shuffle=False, seed=0)
 
     run_params = {
         "model": cfg.to_dict(),
@@ -135,43 +154,38 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
     }
     key = {
         "params": run_params,
-        "vocab_hash": vocab_hash,
+        "vocab_hash": file_hash(tokenizer_file),
         "data": file_hash(packed_dir / "train.npz"),
     }
     resume_path = RESUME_DIR / f"{variant}.pt"
-    state = _resume_state(resume_path, key)
-    history, best, bad_epochs, start_epoch, run_id = [], None, 0, 1, None
-    if state:
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        runtime.set_rng_state(state["rng"])
-        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
-        print(f"train@{variant}: resuming after epoch {state['epoch']}")
+    resumed = _resume_state(resume_path, key)
+    state = resumed or {
+        "epoch": 0,
+        "history": [],
+        "best": None,
+        "bad_epochs": 0,
+        "seconds": 0.0,
+        "tokens": 0,
+    }
+    if resumed:
+        model.load_state_dict(resumed["model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        runtime.set_rng_state(resumed["rng"])
+        print(f"train@{variant}: resuming after epoch {resumed['epoch']}")
 
     tracking.configure()
-    stale = tracking.fail_stale_runs(variant)
-    tags = {
-        "rnnflow.variant": variant,
-        "rnnflow.commit": tracking.git_commit(),
-        "rnnflow.data_source": params.data.source,
-        "rnnflow.dataset": key["data"],
-        "rnnflow.vocab_hash": vocab_hash,
-    }
-    if stale:
-        tags["rnnflow.replaces_failed_runs"] = ",".join(stale)
-    if state:
-        tags["rnnflow.resumed_from_epoch"] = str(state["epoch"])
+    tags = _run_tags(params, variant, key, tracking.fail_stale_runs(variant), resumed)
     with tracking.stage_run("train", run_name=variant, tags=tags) as run:
         import mlflow
 
-        run_id = run.info.run_id
         mlflow.log_params(
             tracking.flatten(run_params) | {"model.parameters": count_parameters(model)}
         )
-        for past in history:
+        for past in state["history"]:
             mlflow.log_metrics({k: v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
-        for epoch in range(start_epoch, params.train.epochs + 1):
+        for epoch in range(state["epoch"] + 1, params.train.epochs + 1):
+            if state["bad_epochs"] >= params.train.patience:
+                break
             train_loader.batch_sampler.set_epoch(epoch)
             tr = run_epoch(
                 model,
@@ -191,7 +205,6 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 "grad_norm_mean": tr.grad_norm_mean,
                 "grad_norm_max": tr.grad_norm_max,
             }
-            history.append(row)
             mlflow.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}
                 | {"tokens_per_second": tr.tokens / tr.seconds},
@@ -202,41 +215,43 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 f"acc {tr.accuracy:.3f} | val loss {va.loss:.4f} acc {va.accuracy:.3f} | "
                 f"{tr.tokens / tr.seconds:,.0f} tok/s"
             )
-            if best is None or va.loss < best["val_loss"]:
-                best, bad_epochs = {"epoch": epoch, "val_loss": va.loss, "val_acc": va.accuracy}, 0
-                checkpoint.save(
-                    checkpoint_path(variant),
-                    {
-                        "model_state": model.state_dict(),
-                        "optimizer_state": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "model_config": cfg.to_dict(),
-                        "params": run_params,
-                        "vocab_hash": vocab_hash,
-                        "labels": classes,
-                        "mlflow_run_id": run_id,
-                    },
-                )
-            else:
-                bad_epochs += 1
-            seconds = (state or {}).get("seconds", 0.0) + tr.seconds
-            tokens = (state or {}).get("tokens", 0) + tr.tokens
+            improved = state["best"] is None or va.loss < state["best"]["val_loss"]
             state = {
                 "key": key,
                 "epoch": epoch,
                 "model_state": model.state_dict(),
                 "optimizer_state": optimizer.state_dict(),
                 "rng": runtime.rng_state(),
-                "history": history,
-                "best": best,
-                "bad_epochs": bad_epochs,
-                "seconds": seconds,
-                "tokens": tokens,
+                "history": [*state["history"], row],
+                "best": {
+                    "epoch": epoch,
+                    "val_loss": va.loss,
+                    "val_acc": va.accuracy,
+                    "model_state": model.state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                }
+                if improved
+                else state["best"],
+                "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
+                "seconds": state["seconds"] + tr.seconds,
+                "tokens": state["tokens"] + tr.tokens,
             }
             checkpoint.save(resume_path, state)
-            if bad_epochs >= params.train.patience:
-                break
 
+        best, history = state["best"], state["history"]
+        checkpoint.save(
+            checkpoint_path(variant),
+            {
+                "model_state": best["model_state"],
+                "optimizer_state": best["optimizer_state"],
+                "epoch": best["epoch"],
+                "model_config": cfg.to_dict(),
+                "params": run_params,
+                "vocab_hash": key["vocab_hash"],
+                "labels": classes,
+                "mlflow_run_id": run.info.run_id,
+            },
+        )
         metrics = {
             "best_epoch": best["epoch"],
             "best_val_loss": best["val_loss"],
