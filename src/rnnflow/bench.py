@@ -28,7 +28,7 @@ from rnnflow.models import ModelConfig, RNNClassifier
 from rnnflow.paths import PACKED, REPORTS
 from rnnflow.variants import VARIANTS
 
-REPEATS, BATCHES_PER_REPEAT, WARMUP = 5, 12, 3
+REPEATS, BATCHES_PER_REPEAT, WARMUP = 7, 10, 3
 
 
 class TutorialModel(nn.Module):
@@ -76,8 +76,8 @@ def _batches(split: PackedSplit, batch_size: int, bucketed: bool, pool: int, cou
     return out
 
 
-def train_throughput(model: nn.Module, batches: list) -> float:
-    """Median real tokens/s of forward + backward + optimizer step over repeated passes."""
+def _train_step(model: nn.Module):
+    """A closure doing forward + backward + optimizer step on one batch."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -87,16 +87,29 @@ def train_throughput(model: nn.Module, batches: list) -> float:
         loss_fn(model(x, n), y).backward()
         optimizer.step()
 
-    for x, n, y in batches[:WARMUP]:
-        step(x, n, y)
-    rates = []
+    return step
+
+
+def train_throughput(models: dict[str, tuple[nn.Module, list]]) -> dict[str, float]:
+    """Median real tokens/s of each (model, batches), forward + backward + step.
+
+    Measurements are interleaved: every repeat times each model in turn, so a slow spell of
+    the machine hits all of them alike instead of skewing one ratio.
+    """
+    steps = {name: _train_step(model) for name, (model, _) in models.items()}
+    for name, (_, batches) in models.items():
+        for x, n, y in batches[:WARMUP]:
+            steps[name](x, n, y)
+    rates: dict[str, list[float]] = {name: [] for name in models}
     for r in range(REPEATS):
-        chunk = batches[r * BATCHES_PER_REPEAT : (r + 1) * BATCHES_PER_REPEAT] or batches
-        start = time.perf_counter()
-        for x, n, y in chunk:
-            step(x, n, y)
-        rates.append(sum(int(n.sum()) for _, n, _ in chunk) / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, (_, batches) in models.items():
+            chunk = batches[r * BATCHES_PER_REPEAT : (r + 1) * BATCHES_PER_REPEAT] or batches
+            start = time.perf_counter()
+            for x, n, y in chunk:
+                steps[name](x, n, y)
+            tokens = sum(int(n.sum()) for _, n, _ in chunk)
+            rates[name].append(tokens / (time.perf_counter() - start))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def latency(fn, batch: tuple, repeats: int = 200) -> dict[str, float]:
@@ -129,12 +142,18 @@ def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
             "batches_per_repeat": BATCHES_PER_REPEAT,
         },
     }
+    configs = {
+        v: ModelConfig.of(v, params.variant(v), vocab, classes) for v in params.model.variants
+    }
+    torch.manual_seed(params.seed)
+    contenders = {}
+    for variant, cfg in configs.items():
+        contenders[variant] = (RNNClassifier(cfg), ours_batches)
+        contenders[f"{variant}/reference"] = (TutorialModel(cfg), ref_batches)
+    rates = train_throughput(contenders)
     rng = np.random.default_rng(0)
-    for variant in params.model.variants:
-        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
-        torch.manual_seed(params.seed)
-        ours = train_throughput(RNNClassifier(cfg), ours_batches)
-        reference = train_throughput(TutorialModel(cfg), ref_batches)
+    for variant, cfg in configs.items():
+        ours, reference = rates[variant], rates[f"{variant}/reference"]
         model = RNNClassifier(cfg).eval()
         with tempfile.TemporaryDirectory() as tmp:
             export_onnx(model, Path(tmp) / "m.onnx", params.export.opset)

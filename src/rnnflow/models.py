@@ -91,18 +91,22 @@ class CellLoopCore(nn.Module):
         batch, steps, _ = emb.shape
         valid = torch.arange(steps, device=emb.device)[None, :] < lengths.to(emb.device)[:, None]
         valid = valid.unsqueeze(-1)  # [B, T, 1]
-        x = emb
+        x, last = emb, len(self.cells) - 1
         for layer, cell in enumerate(self.cells):
             if layer:
                 x = self.dropout(x)
-            projected = F.linear(x, cell.weight_ih, cell.bias_ih)  # [B, T, H], all steps at once
+            # x @ W_ih + b_ih + b_hh for all steps at once; the loop adds only h @ W_hh.
+            projected = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
+            w_hh = cell.weight_hh.t()
             h = emb.new_zeros(batch, cell.hidden_size)
             outputs = []
             for t in range(steps):
-                h_new = self.activation(projected[:, t] + F.linear(h, cell.weight_hh, cell.bias_hh))
+                h_new = self.activation(torch.addmm(projected[:, t], h, w_hh))
                 h = torch.where(valid[:, t], h_new, h)  # h = m * h_new + (1 - m) * h, exactly
-                outputs.append(h)
-            x = torch.stack(outputs, dim=1)
+                if layer < last:
+                    outputs.append(h)
+            if layer < last:
+                x = torch.stack(outputs, dim=1)
         return h
 
 
