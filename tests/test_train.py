@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from rnnflow import checkpoint
-from rnnflow.batching import PackedSplit
+from rnnflow.batching import PackedSplit, make_loader
 from rnnflow.config import Params
 from rnnflow.errors import RnnflowError
 from rnnflow.tracking import EXPERIMENT
-from rnnflow.train import RESUME_DIR, train_variant
+from rnnflow.train import RESUME_DIR, run_epoch, train_variant
 
 from .conftest import small_params, write_params
 
@@ -45,6 +45,18 @@ def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"model_summary.txt", "curves.png", "checkpoint", "params.yaml"} <= artifacts
     assert mlflow.get_experiment(run.info.experiment_id).name == EXPERIMENT
+
+
+def test_checkpoint_holds_the_best_epoch_not_the_last(workspace):
+    raw = small_params(train={"epochs": 8, "patience": 8, "lr": 0.02})
+    train_variant(write_params(workspace, raw), "rnn")
+    metrics = json.loads((workspace / "metrics/train/rnn.json").read_text())
+    assert metrics["best_epoch"] < metrics["epochs_run"], "setup must overfit after the best"
+    model, payload = checkpoint.load_model(workspace / "models/rnn/checkpoint.pt")
+    val = PackedSplit.load(workspace / "data/packed/val.npz")
+    result = run_epoch(model, make_loader(val, 64, 50, False, 0), torch.device("cpu"))
+    assert payload["epoch"] == metrics["best_epoch"]
+    assert result.loss == pytest.approx(metrics["best_val_loss"], abs=1e-9)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(workspace):

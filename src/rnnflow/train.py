@@ -1,5 +1,6 @@
 """Stage train@VARIANT: one training loop for every variant, with early stopping and resume."""
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -223,13 +224,16 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 "optimizer_state": optimizer.state_dict(),
                 "rng": runtime.rng_state(),
                 "history": [*state["history"], row],
-                "best": {
-                    "epoch": epoch,
-                    "val_loss": va.loss,
-                    "val_acc": va.accuracy,
-                    "model_state": model.state_dict(),
-                    "optimizer_state": optimizer.state_dict(),
-                }
+                # state_dict() holds live tensors that later steps change: copy the best.
+                "best": copy.deepcopy(
+                    {
+                        "epoch": epoch,
+                        "val_loss": va.loss,
+                        "val_acc": va.accuracy,
+                        "model_state": model.state_dict(),
+                        "optimizer_state": optimizer.state_dict(),
+                    }
+                )
                 if improved
                 else state["best"],
                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
