@@ -6,6 +6,7 @@ run FAILED. A run left RUNNING by a killed process is marked FAILED when the var
 again, and the new run is tagged with the id it replaces.
 """
 
+import functools
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 ARTIFACTS = Path("mlartifacts")
 
 
+@functools.cache
 def configure() -> str:
     """Point MLflow at MLFLOW_TRACKING_URI (default: ./mlflow.db) and the project experiment.
 
