@@ -1,5 +1,6 @@
 """Atomic file writes: a stage never leaves a half-written output behind."""
 
+import errno
 import json
 import os
 import tempfile
@@ -9,6 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from rnnflow.errors import RnnflowError
+
+# Errors of the output location itself (disk full, quota, read-only, no permission), which
+# become one clear message; other OSErrors (e.g. a failed download) pass through unchanged.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR}
 
 
 @contextmanager
@@ -27,8 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except BaseException as err:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(err, PermissionError | IsADirectoryError) or (
-            isinstance(err, OSError) and err.filename in (str(tmp_path), tmp_path)
+        if isinstance(err, OSError) and (
+            err.errno in WRITE_ERRNOS or err.filename in (str(tmp_path), tmp_path)
         ):
             raise RnnflowError(f"cannot write {path}: {err.strerror or err}") from err
         raise
