@@ -20,11 +20,6 @@ def split_file(split: str) -> Path:
     return PREPARED / f"{split}.jsonl"
 
 
-def packed_file(split: str) -> Path:
-    """The numericalized arrays of one split."""
-    return PACKED / f"{split}.npz"
-
-
 def checkpoint(variant: str) -> Path:
     """The best checkpoint of one variant."""
     return MODELS / variant / "checkpoint.pt"
