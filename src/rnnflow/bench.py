@@ -20,11 +20,13 @@ from torch import nn
 
 from rnnflow import runtime, tracking
 from rnnflow.atomic import write_json, write_text
-from rnnflow.batching import BucketBatchSampler, PackedSplit, padding_stats
+from rnnflow.batching import BucketBatchSampler, PackedSplit
 from rnnflow.config import Params, load_params
 from rnnflow.errors import run_cli
+from rnnflow.evaluate import latency
 from rnnflow.export import export_onnx
 from rnnflow.models import ModelConfig, RNNClassifier
+from rnnflow.pack import padding_report
 from rnnflow.paths import PACKED, REPORTS
 from rnnflow.variants import VARIANTS
 
@@ -112,18 +114,6 @@ def train_throughput(models: dict[str, tuple[nn.Module, list]]) -> dict[str, flo
     return {name: statistics.median(r) for name, r in rates.items()}
 
 
-def latency(fn, batch: tuple, repeats: int = 200) -> dict[str, float]:
-    """p50/p95 milliseconds of fn(*batch) after warm-up."""
-    for _ in range(10):
-        fn(*batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*batch)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
-
-
 def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
     """Measure everything the bench reports; returns the JSON-able results."""
     runtime.setup(params.seed)
@@ -167,10 +157,12 @@ def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
             tokens, lengths, _ = train.batch(rng.choice(len(train), size=b))
             x, n = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths)
             with torch.no_grad():
-                eager = latency(model, (x, n))
+                eager = latency(model, (x, n), repeats=200, warmup=10)
             onnx = latency(
                 lambda t, n, s=session: s.run(None, {"tokens": t, "lengths": n}),
                 (x.numpy(), n.numpy()),
+                repeats=200,
+                warmup=10,
             )
             lat[f"batch{b}"] = {
                 "torch_eager_ms": eager,
@@ -193,12 +185,7 @@ def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
         for cell, mod in (("rnn_cell", "rnn"), ("rnn_cell_deep", "rnn_deep"))
         if cell in v and mod in v
     }
-    order = list(BucketBatchSampler(train.lengths, bs, pool, seed=0))
-    perm = np.random.default_rng(0).permutation(len(train))
-    results["padding"] = {
-        "bucketed": padding_stats(train.lengths, order),
-        "global_max": padding_stats(train.lengths, [perm]),
-    }
+    results["padding"] = padding_report(train.lengths, bs, pool, seed=0)
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"] = {
         "cpu_count": os.cpu_count(),

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
-from rnnflow import tracking
-from rnnflow.atomic import atomic_path, read_json, write_json, write_text
+import numpy as np
+
+from rnnflow import plots, tracking
+from rnnflow.atomic import read_json, write_json, write_text
 from rnnflow.config import Params
 from rnnflow.paths import REPORTS, bundle_dir, metrics_file
 
@@ -66,15 +68,9 @@ def to_markdown(rows: list[dict]) -> str:
 
 def plot_leaderboard(rows: list[dict], path: Path) -> None:
     """Bar chart: test accuracy and macro-F1 per variant, and training time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     names = [r["variant"] for r in rows]
     x = np.arange(len(rows))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plots.subplots(1, 2, figsize=(11, 4))
     ax1.bar(x - 0.2, [r["test_accuracy"] for r in rows], 0.4, label="test accuracy")
     ax1.bar(x + 0.2, [r["test_macro_f1"] for r in rows], 0.4, label="macro-F1")
     ax1.axhline(rows[0]["majority_baseline_val_acc"], color="k", ls="--", label="majority")
@@ -85,9 +81,7 @@ def plot_leaderboard(rows: list[dict], path: Path) -> None:
     ax2.set_xticks(x, names, rotation=30)
     ax2.set(ylabel="seconds", title="Training time")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def compare(params: Params) -> list[dict]:

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnnflow import checkpoint, runtime, tracking
-from rnnflow.atomic import atomic_path, write_json
+from rnnflow import checkpoint, plots, runtime, tracking
+from rnnflow.atomic import write_json
 from rnnflow.batching import PackedSplit, make_loader
 from rnnflow.config import Params
 from rnnflow.paths import PACKED, REPORTS, TOKENIZER_DIR, metrics_file
@@ -48,43 +48,40 @@ def predict_split(model, split: PackedSplit, batch_size: int, device) -> tuple[n
     return np.concatenate(logits), np.concatenate(labels)
 
 
-@torch.no_grad()
-def latency_ms(model, split: PackedSplit, batch_size: int, repeats: int = 50) -> dict:
-    """Median and p95 wall time of one forward pass on CPU at a given batch size."""
-    model.eval().cpu()
-    rng = np.random.default_rng(0)
+def latency(fn, batch: tuple, repeats: int = 50, warmup: int = 5) -> dict[str, float]:
+    """p50/p95 milliseconds of fn(*batch), after `warmup` calls that are not timed."""
+    for _ in range(warmup):
+        fn(*batch)
     times = []
-    for i in range(repeats + 5):
-        x, lengths, _ = split.batch(rng.choice(len(split), size=batch_size))
-        x, lengths = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(lengths)
+    for _ in range(repeats):
         start = time.perf_counter()
-        model(x, lengths)
-        if i >= 5:  # warm-up excluded
-            times.append((time.perf_counter() - start) * 1e3)
-    return {"p50": float(np.median(times)), "p95": float(np.percentile(times, 95))}
+        fn(*batch)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))}
+
+
+@torch.no_grad()
+def latency_ms(model, split: PackedSplit, batch_size: int) -> dict[str, float]:
+    """Forward-pass latency on CPU for a random batch of the split."""
+    model.eval().cpu()
+    x, lengths, _ = split.batch(np.random.default_rng(0).choice(len(split), size=batch_size))
+    return latency(model, (torch.from_numpy(x.astype(np.int64)), torch.from_numpy(lengths)))
 
 
 def plot_confusion(report: dict, title: str, path: Path) -> None:
     """Row-normalized confusion matrix as a heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.array(report["confusion_matrix"], dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     classes = report["classes"]
     size = 3 + 0.45 * len(classes)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig, ax = plots.subplots(figsize=(size + 1, size))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="actual", title=title)
     fig.colorbar(im, ax=ax, label="fraction of actual class")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def evaluate_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
+from rnnflow import plots
 from rnnflow.atomic import atomic_path, write_json
 from rnnflow.batching import BucketBatchSampler, padding_stats
 from rnnflow.config import Params
 from rnnflow.paths import DATA_REPORTS, PACKED, SPLITS, TOKENIZER_DIR, split_file
 from rnnflow.prepare import read_split
-from rnnflow.text import PAD_ID, UNK_ID, encode, load_tokenizer
+from rnnflow.text import UNK_ID, encode, load_tokenizer, pad_batch
 from rnnflow.vocab import labels_path, load_labels
 
 
@@ -22,12 +23,9 @@ def numericalize(
     keep = [i for i, seq in enumerate(ids) if seq and labels[i] in index]
     truncated = sum(len(ids[i]) > max_len for i in keep)
     seqs = [ids[i][:max_len] for i in keep]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    tokens = np.full((len(seqs), int(lengths.max(initial=1))), PAD_ID, dtype=np.int32)
-    for row, seq in enumerate(seqs):
-        tokens[row, : len(seq)] = seq
+    tokens, lengths = pad_batch(seqs)
     arrays = {
-        "tokens": tokens,
+        "tokens": tokens.astype(np.int32),
         "lengths": lengths,
         "labels": np.array([index[labels[i]] for i in keep], dtype=np.int64),
     }
@@ -62,12 +60,7 @@ def padding_report(lengths: np.ndarray, batch_size: int, pool: int, seed: int) -
 
 def plot_lengths(lengths: dict[str, np.ndarray], max_len: int, path: Path) -> None:
     """Histogram of sequence lengths per split, with the truncation limit marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.subplots(figsize=(7, 4))
     top = max(int(v.max(initial=1)) for v in lengths.values())
     bins = np.arange(1, top + 2) - 0.5 if top <= 80 else 60
     for split, values in lengths.items():
@@ -76,9 +69,7 @@ def plot_lengths(lengths: dict[str, np.ndarray], max_len: int, path: Path) -> No
     ax.set(xlabel="tokens per sequence", ylabel="sequences", title="Sequence lengths")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    plots.save(fig, path, dpi=100)
 
 
 def pack(params: Params, out_dir: Path = PACKED, report_dir: Path = DATA_REPORTS) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rnnflow import checkpoint, runtime, tracking
+from rnnflow import checkpoint, plots, runtime, tracking
 from rnnflow.atomic import write_json
 from rnnflow.batching import PackedSplit, make_loader
 from rnnflow.config import Params
@@ -75,13 +75,8 @@ def majority_baseline(train: PackedSplit, val: PackedSplit) -> float:
 
 def plot_history(history: list[dict], variant: str, path: Path) -> None:
     """Loss and accuracy curves of one variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax1, ax2) = plots.subplots(1, 2, figsize=(9, 3.5))
     ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
     ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
     ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
@@ -91,8 +86,7 @@ def plot_history(history: list[dict], variant: str, path: Path) -> None:
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def _resume_state(path: Path, key: dict) -> dict | None:
