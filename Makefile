@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test test-fast lint format bench ui clean
+.PHONY: install system-deps run test test-fast lint format bench ui server server-stop clean
 
 install: $(STAMP)
 
@@ -15,10 +15,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m rnnflow.envcheck
 	touch $(STAMP)
 
+# PostgreSQL for `make server` and the tracking-server tests: Debian's package, installed
+# when missing (we run as root; PostgreSQL itself then runs as the postgres user).
+system-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null; then \
+	  echo "make: PostgreSQL missing - installing Debian's postgresql (apt-get install -y postgresql)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+
 run: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	pytest -m "slow or not slow"
 
 test-fast: $(STAMP)
@@ -38,6 +46,13 @@ bench: $(STAMP)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+# The team tracking server: PostgreSQL + mlflow server on 127.0.0.1:5000, data in .rnnflow/server.
+server: $(STAMP) system-deps
+	python -m rnnflow.server start
+
+server-stop: $(STAMP)
+	python -m rnnflow.server stop
 
 clean:
 	rm -rf data/prepared data/tokenizer data/packed data/reports metrics models reports \

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,36 @@ def workspace(data_workspace, tmp_path, monkeypatch) -> Path:
     shutil.copytree(data_workspace, ws)
     monkeypatch.chdir(ws)
     return ws
+
+
+def run(cmd: str, cwd: Path, env: dict | None = None, check: bool = True, **kw):
+    """Run a shell command with the venv's programs first on PATH; fail with its output.
+    `env` adds variables to ours; a None value removes one."""
+    merged = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    merged = {k: v for k, v in (merged | (env or {})).items() if v is not None}
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=merged, capture_output=True, text=True, shell=True, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_repo_copy(dest: Path, raw_params: dict) -> Path:
+    """A git repository at `dest` holding this one's tracked files (no dvc.lock), with
+    `raw_params` as params.yaml, committed."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
+    return dest

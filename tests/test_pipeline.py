@@ -2,48 +2,30 @@
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
-from .conftest import REPO, VARIANTS, small_params
+from .conftest import VARIANTS, make_repo_copy, run, small_params
 
 pytestmark = pytest.mark.slow
 
 
 def _run(cmd, cwd, check=True):
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI")  # the copy uses its own default store, ./mlflow.db
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, shell=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    # the copy uses its own default store, ./mlflow.db, and a remote under a private HOME
+    env = {"MLFLOW_TRACKING_URI": None, "HOME": str(cwd.parent / "home")}
+    return run(cmd, cwd, env=env, check=check)
 
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     """A git repository holding the tracked files of this one, with small params."""
-    dest = tmp_path_factory.mktemp("clone") / "rnnflow"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    raw = small_params(data={"max_per_class": 60})
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    _run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
-    return dest
+    return make_repo_copy(
+        tmp_path_factory.mktemp("clone") / "rnnflow", small_params(data={"max_per_class": 60})
+    )
 
 
 def test_full_pipeline_from_a_fresh_copy(repo_copy):
@@ -82,6 +64,55 @@ def test_two_full_runs_give_identical_metrics(repo_copy):
     _run("dvc repro --force", repo_copy)
     second = {p: p.read_bytes() for p in first}
     assert second == first
+
+
+def test_push_then_a_fresh_clone_pulls_everything(repo_copy, tmp_path):
+    if not (repo_copy / "dvc.lock").exists():
+        pytest.skip("needs the full run above")
+    _run("git add dvc.lock && git -c user.name=t -c user.email=t@t commit -qm results", repo_copy)
+    remote = repo_copy.parent / "home/.local/share/rnnflow/dvc-remote"  # the default remote
+    assert str(remote) in _run("dvc remote list", repo_copy).stdout
+    _run("dvc push", repo_copy)
+    assert remote.is_dir() and any(remote.rglob("*"))
+
+    clone = repo_copy.parent / "fresh-clone"
+    _run(f"git clone -q {repo_copy} {clone}", repo_copy.parent)
+    _run("dvc pull", clone)
+    assert "Data and pipelines are up to date" in _run("dvc status", clone).stdout
+    for name in ("models/gru/model.onnx", "data/packed/train.npz", "metrics/eval/lstm.json"):
+        assert (clone / name).read_bytes() == (repo_copy / name).read_bytes(), name
+
+
+def _runs(store: Path, query: str) -> list:
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    try:
+        return mlflow.search_runs(
+            experiment_names=["rnnflow"], filter_string=query, output_format="list"
+        )
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def test_repro_exp_run_and_temp_record_in_the_project_store(repo_copy):
+    if not (repo_copy / "dvc.lock").exists():
+        pytest.skip("needs the full run above")
+    head = _run("git rev-parse HEAD", repo_copy).stdout.strip()
+    _run("dvc exp run -n ws-lr -S train.lr=0.01 train@gru", repo_copy)
+    _run("dvc exp run --temp -n temp-lr -S train.lr=0.005 train@gru", repo_copy)
+    _run("git checkout params.yaml dvc.lock && dvc checkout -q", repo_copy)
+    assert not list((repo_copy / ".dvc/tmp").rglob("mlflow.db")), "a store in a temp workspace"
+
+    store = repo_copy / "mlflow.db"
+    plain = _runs(store, "tags.`rnnflow.dvc_exp` = 'workspace' and tags.`rnnflow.variant` = 'gru'")
+    assert plain and all(r.info.status == "FINISHED" for r in plain)
+    hashes = {r.data.tags["rnnflow.params_hash"] for r in plain}
+    for name in ("ws-lr", "temp-lr"):
+        (run_,) = _runs(store, f"tags.`rnnflow.dvc_exp` = '{name}'")
+        assert run_.info.status == "FINISHED" and run_.info.run_name == f"gru@{name}"
+        assert run_.data.tags["rnnflow.baseline_commit"] == head
+        assert run_.data.tags["rnnflow.params_hash"] not in hashes
+        assert run_.data.params["train.lr"] in ("0.01", "0.005")
+    assert not _runs(store, "attributes.status != 'FINISHED'")
 
 
 def test_param_change_reruns_only_what_depends_on_it(repo_copy):

@@ -94,17 +94,31 @@ def compare(params: Params) -> list[dict]:
     write_json(REPORTS / "leaderboard.json", rows)
     plot_leaderboard(rows, REPORTS / "leaderboard.png")
     run_ids = {v: read_json(bundle_dir(v) / "bundle.json").get("mlflow_run_id") for v in variants}
-    with tracking.stage_run(
-        "compare", run_name="leaderboard", tags={"rnnflow.kind": "leaderboard"}
-    ):
-        import mlflow
+    _log_leaderboard(rows, run_ids)
+    return rows
 
-        parent = mlflow.active_run().info.run_id
+
+def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
+    """A `leaderboard` run whose children are the variants' runs, nested under the run that
+    groups every experiment of the same baseline commit. It carries each variant's test
+    accuracy as a metric, so the runs table shows the comparison without expanding rows."""
+    import mlflow
+
+    tracking.configure()
+    origin = tracking.Origin.current()
+    group = tracking.experiments_group(origin)
+    tags = {"rnnflow.kind": "leaderboard", "mlflow.parentRunId": group}
+    with tracking.stage_run("compare", run_name=origin.run_name("leaderboard"), tags=tags) as run:
         for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
             mlflow.log_artifact(str(REPORTS / name))
+        best = rows[0]
+        mlflow.log_metrics(
+            {"best_test_accuracy": best["test_accuracy"]}
+            | {f"test_accuracy.{r['variant']}": r["test_accuracy"] for r in rows}
+        )
+        mlflow.set_tag("rnnflow.best_variant", best["variant"])
         client = mlflow.MlflowClient()
         for variant, run_id in run_ids.items():
             if tracking.run_exists(run_id):
-                client.set_tag(run_id, "mlflow.parentRunId", parent)
+                client.set_tag(run_id, "mlflow.parentRunId", run.info.run_id)
                 mlflow.set_tag(f"rnnflow.run.{variant}", run_id)
-    return rows

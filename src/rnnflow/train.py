@@ -169,8 +169,9 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
         print(f"train@{variant}: resuming after epoch {resumed['epoch']}")
 
     tracking.configure()
-    tags = _run_tags(params, variant, key, tracking.fail_stale_runs(variant), resumed)
-    with tracking.stage_run("train", run_name=variant, tags=tags) as run:
+    tags = _run_tags(params, variant, key, tracking.fail_dead_runs(variant), resumed)
+    name = tracking.Origin.current().run_name(variant)
+    with tracking.stage_run("train", run_name=name, tags=tags) as run:
         import mlflow
 
         mlflow.log_params(
@@ -200,11 +201,6 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 "grad_norm_mean": tr.grad_norm_mean,
                 "grad_norm_max": tr.grad_norm_max,
             }
-            mlflow.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}
-                | {"tokens_per_second": tr.tokens / tr.seconds},
-                step=epoch,
-            )
             print(
                 f"train@{variant} epoch {epoch}: train loss {tr.loss:.4f} "
                 f"acc {tr.accuracy:.3f} | val loss {va.loss:.4f} acc {va.accuracy:.3f} | "
@@ -234,7 +230,12 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 "seconds": state["seconds"] + tr.seconds,
                 "tokens": state["tokens"] + tr.tokens,
             }
-            checkpoint.save(resume_path, state)
+            checkpoint.save(resume_path, state)  # saved before logging: a store failure
+            mlflow.log_metrics(  # below loses no epoch, the rerun resumes after this one
+                {k: v for k, v in row.items() if k != "epoch"}
+                | {"tokens_per_second": tr.tokens / tr.seconds},
+                step=epoch,
+            )
 
         best, history = state["best"], state["history"]
         checkpoint.save(
