@@ -113,6 +113,8 @@ def _log_onnx_model(out: Path, variant: str, num_classes: int) -> None:
         signature=signature,
         input_example=example,
         registered_model_name=f"rnnflow-{variant}",
+        # Stated, not inferred: inference loads the model in a subprocess (~10 s per export).
+        pip_requirements=mlflow.onnx.get_default_pip_requirements(),
     )
     for name in ("bundle.json", "tokenizer.json", "labels.json"):
         mlflow.log_artifact(str(out / name), "bundle")

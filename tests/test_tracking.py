@@ -1,0 +1,159 @@
+"""Tracking: where the store is, what tags a run carries, which RUNNING runs may be FAILED."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from rnnflow import tracking
+
+from .conftest import REPO
+
+
+def test_default_store_is_at_the_dvc_project_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    # inside a queued experiment's temporary copy, DVC_ROOT names the real project
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/project/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/team.db")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/project/runs/team.db"
+    for absolute in ("sqlite:////srv/mlflow.db", "http://127.0.0.1:5000"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", absolute)
+        assert tracking.tracking_uri() == absolute
+    assert tracking._artifact_location("sqlite:////srv/x/mlflow.db") == "file:///srv/x/mlartifacts"
+    assert tracking._artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_origin_names_the_dvc_experiment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("seed: 1\ntrain: {lr: 0.1}\n")
+    workspace = tracking.Origin.current()
+    assert workspace.dvc_exp == "workspace" and workspace.run_name("gru") == "gru"
+    (tmp_path / "params.yaml").write_text("# same content\ntrain: {lr: 0.1}\nseed: 1\n")
+    assert tracking.Origin.current().params_hash == workspace.params_hash
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-oast")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    (tmp_path / "params.yaml").write_text("seed: 1\ntrain: {lr: 0.2}\n")
+    exp = tracking.Origin.current()
+    assert exp.tags() == {
+        "rnnflow.dvc_exp": "brisk-oast",
+        "rnnflow.baseline_commit": "a" * 40,
+        "rnnflow.params_hash": exp.params_hash,
+    }
+    assert exp.params_hash != workspace.params_hash and len(exp.params_hash) == 12
+    assert exp.run_name("gru") == "gru@brisk-oast"
+
+
+def _running_run(client, experiment_id, owner: dict) -> str:
+    run = client.create_run(experiment_id, tags={"rnnflow.variant": "gru"} | owner)
+    return run.info.run_id
+
+
+def test_only_runs_whose_owner_is_gone_are_failed(tmp_path):
+    tracking.configure()
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    for run in client.search_runs([experiment_id], "tags.`rnnflow.variant` = 'gru'"):
+        client.set_terminated(run.info.run_id)  # earlier tests' runs are not ours to judge
+    dead = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"])
+    dead.wait()
+    me = tracking.owner_tags()
+    reused = me | {"rnnflow.owner.started": "1.00"}  # our pid, but started at another time
+    other_host = {**me, "rnnflow.owner.host": socket.gethostname() + "-elsewhere"}
+    ids = {
+        "live": _running_run(client, experiment_id, me),
+        "dead": _running_run(client, experiment_id, me | {"rnnflow.owner.pid": str(dead.pid)}),
+        "pid_reused": _running_run(client, experiment_id, reused),
+        "other_host": _running_run(client, experiment_id, other_host),
+        "no_owner": _running_run(client, experiment_id, {}),
+    }
+    failed = tracking.fail_dead_runs("gru")
+    assert sorted(failed) == sorted([ids["dead"], ids["pid_reused"]])
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {
+        "live": "RUNNING",
+        "dead": "FAILED",
+        "pid_reused": "FAILED",
+        "other_host": "RUNNING",
+        "no_owner": "RUNNING",
+    }
+    for run_id in (ids["live"], ids["other_host"], ids["no_owner"]):
+        client.set_terminated(run_id)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from rnnflow import tracking
+    import mlflow
+    start = float(sys.argv[1])
+    while time.time() < start:
+        time.sleep(0.001)
+    tracking.configure()
+    for i in range(5):
+        with mlflow.start_run(tags={"writer": sys.argv[2]}):
+            mlflow.log_metric("i", i)
+    """
+)
+
+
+def test_two_processes_on_a_new_sqlite_store_lose_nothing(tmp_path):
+    """Both create the store's tables at the same instant; every run survives."""
+    uri = f"sqlite:///{tmp_path}/fresh.db"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO / "src")}
+    start = __import__("time").time() + 6  # both wait for the same moment, imports done
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(start), str(n)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    mlflow.set_tracking_uri(uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    assert sorted(r.data.tags["writer"] for r in runs) == ["0"] * 5 + ["1"] * 5
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_stages_run_the_code_of_their_own_checkout(tmp_path):
+    """A queued experiment's temporary copy must not import the workspace's rnnflow."""
+    import shutil
+
+    copy = tmp_path / "exp-copy"
+    shutil.copytree(REPO / "stages", copy / "stages")
+    shutil.copytree(REPO / "src/rnnflow", copy / "src/rnnflow")
+    probe = "import stages, rnnflow; print(rnnflow.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=copy, capture_output=True, text=True)
+    assert out.stdout.strip() == str(copy / "src/rnnflow/__init__.py"), out.stderr
+
+
+def test_stages_outside_the_venv_say_what_to_run():
+    """The interpreter the venv was made from has none of the project's packages."""
+    bare = Path(sys.base_prefix) / "bin" / "python3"
+    if subprocess.run([bare, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip(f"{bare} has torch installed")
+    out = subprocess.run(
+        [bare, "-m", "stages.train", "gru"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("stages: torch, mlflow, dvc not importable by ")
+    assert line.endswith(
+        "run `make install`, then `source .venv/bin/activate` (or call "
+        ".venv/bin/dvc) before dvc repro"
+    )
