@@ -21,7 +21,7 @@ from rnnflow.server import TeamServer, free_port
 from .conftest import REPO, VARIANTS, make_repo_copy, run, small_params, write_params
 
 pytestmark = pytest.mark.slow
-RUNS_PER_EXPERIMENT = len(VARIANTS) + 1  # one per variant and the leaderboard
+SERVER_VARIANTS = ("gru", "rnn_cell")  # the default-store test runs all six
 
 
 def _queue_two_and_wait(repo: Path, env: dict, timeout: float = 900) -> list[str]:
@@ -43,8 +43,9 @@ def _queue_two_and_wait(repo: Path, env: dict, timeout: float = 900) -> list[str
     return names
 
 
-def _check_sweep(uri: str, names: list[str], baseline: str) -> dict:
+def _check_sweep(uri: str, names: list[str], baseline: str, variants=VARIANTS) -> dict:
     """Every run of both experiments is in the store, FINISHED, tagged and grouped."""
+    per_experiment = len(variants) + 1  # one per variant and the leaderboard
     mlflow.set_tracking_uri(uri)
     try:
         runs = mlflow.search_runs(experiment_names=["rnnflow"], output_format="list")
@@ -56,17 +57,17 @@ def _check_sweep(uri: str, names: list[str], baseline: str) -> dict:
     finally:
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     by_exp = Counter(r.data.tags.get("rnnflow.dvc_exp") for r in runs)
-    assert {n: by_exp[n] for n in names} == {n: RUNS_PER_EXPERIMENT for n in names}
+    assert {n: by_exp[n] for n in names} == {n: per_experiment for n in names}
     statuses = Counter(r.info.status for r in runs)
-    assert statuses == {"FINISHED": 2 * RUNS_PER_EXPERIMENT + 1}, statuses  # + the group run
-    assert versions == {f"rnnflow-{v}": 2 for v in VARIANTS}
+    assert statuses == {"FINISHED": 2 * per_experiment + 1}, statuses  # + the group run
+    assert versions == {f"rnnflow-{v}": 2 for v in variants}
 
     (group,) = [r for r in runs if r.data.tags.get("rnnflow.kind") == "experiments"]
     boards = [r for r in runs if r.data.tags.get("rnnflow.kind") == "leaderboard"]
     assert {b.data.tags["mlflow.parentRunId"] for b in boards} == {group.info.run_id}
     for board in boards:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == board.info.run_id]
-        assert len(children) == len(VARIANTS)
+        assert len(children) == len(variants)
         assert board.data.metrics["best_test_accuracy"] == max(
             c.data.metrics["test_accuracy"] for c in children
         )
@@ -107,11 +108,13 @@ def team_server():
 
 
 def test_parallel_queue_against_the_team_server(team_server, tmp_path):
-    repo = make_repo_copy(tmp_path / "rnnflow", small_params(data={"max_per_class": 60}))
+    raw = small_params(data={"max_per_class": 60})
+    raw["model"]["variants"] = {v: raw["model"]["variants"][v] for v in SERVER_VARIANTS}
+    repo = make_repo_copy(tmp_path / "rnnflow", raw)
     env = {"MLFLOW_TRACKING_URI": team_server.mlflow.uri}
     names = _queue_two_and_wait(repo, env)
     baseline = run("git rev-parse HEAD", repo).stdout.strip()
-    boards = _check_sweep(team_server.mlflow.uri, names, baseline)
+    boards = _check_sweep(team_server.mlflow.uri, names, baseline, SERVER_VARIANTS)
     assert not (repo / "mlflow.db").exists(), "runs went to the local store"
 
     # artifacts travel through the server's proxy into its --artifacts-destination

@@ -157,3 +157,18 @@ def test_stages_outside_the_venv_say_what_to_run():
         "run `make install`, then `source .venv/bin/activate` (or call "
         ".venv/bin/dvc) before dvc repro"
     )
+
+
+def test_one_torch_thread_per_worker_in_a_queued_experiment(tmp_path, monkeypatch):
+    from rnnflow.runtime import threads
+
+    monkeypatch.delenv("RNNFLOW_THREADS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert threads() is None  # not under DVC: torch's default
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-oast")
+    assert threads() is None  # `dvc exp run` in the workspace itself
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "project"))
+    assert threads() == 1  # a temporary copy: workers run side by side
+    monkeypatch.setenv("RNNFLOW_THREADS", "3")
+    assert threads() == 3
