@@ -38,7 +38,7 @@ def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
     assert run.info.status == "FINISHED"
     assert run.data.tags["rnnflow.variant"] == "gru"
     assert run.data.params["model.hidden_size"] == "24"
-    assert run.data.params["train.lr"] == "0.003"
+    assert run.data.params["train.lr"] == str(small_params()["train"]["lr"])
     assert run.data.metrics["best_val_acc"] == pytest.approx(metrics["best_val_acc"])
     steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in steps] == [1, 2, 3]
