@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,21 @@ def make_repo_copy(dest: Path, raw_params: dict) -> Path:
     (dest / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
     run("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", dest)
     return dest
+
+
+@contextmanager
+def tracking_at(uri: str):
+    """Point MLflow's fluent API at `uri` for a block. mlflow.set_tracking_uri also writes
+    MLFLOW_TRACKING_URI into os.environ, so both are put back afterwards."""
+    import mlflow
+
+    before_env, before = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env

@@ -1,7 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline in a fresh copy of the repository (slow)."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -9,15 +8,18 @@ import mlflow
 import pytest
 import yaml
 
-from .conftest import VARIANTS, make_repo_copy, run, small_params
+from .conftest import VARIANTS, make_repo_copy, run, small_params, tracking_at
 
 pytestmark = pytest.mark.slow
 
 
 def _run(cmd, cwd, check=True):
     # the copy uses its own default store, ./mlflow.db, and a remote under a private HOME
-    env = {"MLFLOW_TRACKING_URI": None, "HOME": str(cwd.parent / "home")}
-    return run(cmd, cwd, env=env, check=check)
+    home = cwd.parent / "home"
+    if not (home / ".gitconfig").exists():  # dvc exp run commits: git needs an identity
+        home.mkdir(exist_ok=True)
+        (home / ".gitconfig").write_text("[user]\n\tname = rnnflow tests\n\temail = t@t\n")
+    return run(cmd, cwd, env={"MLFLOW_TRACKING_URI": None, "HOME": str(home)}, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +86,10 @@ def test_push_then_a_fresh_clone_pulls_everything(repo_copy, tmp_path):
 
 
 def _runs(store: Path, query: str) -> list:
-    mlflow.set_tracking_uri(f"sqlite:///{store}")
-    try:
+    with tracking_at(f"sqlite:///{store}"):
         return mlflow.search_runs(
             experiment_names=["rnnflow"], filter_string=query, output_format="list"
         )
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 def test_repro_exp_run_and_temp_record_in_the_project_store(repo_copy):

@@ -10,7 +10,7 @@ import time
 import mlflow
 import torch
 
-from .conftest import REPO, small_params, write_params
+from .conftest import REPO, small_params, tracking_at, write_params
 
 
 def _train(ws, env):
@@ -64,15 +64,14 @@ def test_killed_training_resumes_to_identical_metrics(data_workspace, tmp_path):
     assert a["epoch"] == b["epoch"]
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in b["model_state"])
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    finished = mlflow.search_runs(
-        experiment_names=["rnnflow"],
-        output_format="list",
-        filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-    )[0]
-    killed_id = finished.data.tags["rnnflow.replaces_failed_runs"]
-    killed = mlflow.get_run(killed_id)
-    assert killed.info.status == "FAILED"
-    assert finished.data.tags["rnnflow.resumed_from_epoch"].isdigit()
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with tracking_at(env["MLFLOW_TRACKING_URI"]):
+        finished = mlflow.search_runs(
+            experiment_names=["rnnflow"],
+            output_format="list",
+            filter_string="attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )[0]
+        killed_id = finished.data.tags["rnnflow.replaces_failed_runs"]
+        killed = mlflow.get_run(killed_id)
+        assert killed.info.status == "FAILED"
+        assert finished.data.tags["rnnflow.resumed_from_epoch"].isdigit()

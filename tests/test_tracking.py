@@ -12,7 +12,7 @@ import pytest
 
 from rnnflow import tracking
 
-from .conftest import REPO
+from .conftest import REPO, tracking_at
 
 
 def test_default_store_is_at_the_dvc_project_root(tmp_path, monkeypatch):
@@ -121,11 +121,8 @@ def test_two_processes_on_a_new_sqlite_store_lose_nothing(tmp_path):
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_at(uri):
         runs = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list")
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     assert sorted(r.data.tags["writer"] for r in runs) == ["0"] * 5 + ["1"] * 5
     assert all(r.info.status == "FINISHED" for r in runs)
 
