@@ -232,15 +232,9 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _is_tracking_error(err: BaseException) -> bool:
     """An error of the tracking store itself (server gone, database down), not of our work."""
     from mlflow.exceptions import MlflowException
+    from requests import RequestException  # both ship with mlflow
+    from sqlalchemy.exc import SQLAlchemyError
 
-    try:
-        from requests import RequestException
-    except ImportError:  # pragma: no cover - requests ships with mlflow
-        RequestException = ()  # noqa: N806
-    try:
-        from sqlalchemy.exc import SQLAlchemyError
-    except ImportError:  # pragma: no cover
-        SQLAlchemyError = ()  # noqa: N806
     return isinstance(err, MlflowException | RequestException | SQLAlchemyError)
 
 
