@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps run test test-fast lint format bench ui server server-stop clean
+.PHONY: install system-deps run test test-fast lint format bench ui server server-stop serve loadtest clean
 
 install: $(STAMP)
 
@@ -43,6 +43,20 @@ format: $(STAMP)
 bench: $(STAMP)
 	dvc repro pack
 	python -m rnnflow.bench
+
+# The champion raw-text model, served by MLflow's scoring server (Ctrl-C stops it):
+#   curl -d '{"inputs": ["Nakamura", "O'"'"'Brien"]}' -H 'Content-Type: application/json' \
+#        http://127.0.0.1:5001/invocations
+SERVE_PORT ?= 5001
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  mlflow models serve -m models:/rnnflow@champion --env-manager local \
+	  --host 127.0.0.1 --port $(SERVE_PORT)
+
+# A bounded load test of the same (about 60 s on its own server): reports/serve.json
+loadtest: $(STAMP)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  python -m rnnflow.loadtest --seconds 60
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -15,6 +15,7 @@ from rnnflow.compare import compare
 from rnnflow.errors import RnnflowError
 from rnnflow.evaluate import classification_report, evaluate_variant
 from rnnflow.export import export_bundle, export_onnx
+from rnnflow.predict import Predictor
 from rnnflow.train import train_variant
 from rnnflow.validate import check_parity, validate_bundle
 
@@ -27,7 +28,8 @@ def _session(path):
 
 
 @pytest.mark.parametrize(
-    ("variant", "bidirectional"), [(v, False) for v in VARIANTS] + [("lstm", True), ("gru", True)]
+    ("variant", "bidirectional"),
+    [(v, False) for v in VARIANTS] + [("rnn", True), ("lstm", True), ("gru", True)],
 )
 def test_every_variant_exports_and_matches_at_any_length(tmp_path, variant, bidirectional):
     model = make(variant, bidirectional)
@@ -36,6 +38,10 @@ def test_every_variant_exports_and_matches_at_any_length(tmp_path, variant, bidi
     graph = onnx.load(str(path)).graph
     assert [i.name for i in graph.input] == ["tokens", "lengths"]
     assert [o.name for o in graph.output] == ["logits"]
+    ops = {node.op_type for node in graph.node}
+    plain_rnn = variant.startswith("rnn") and not bidirectional
+    # plain RNNs run as an ONNX Loop (onnxruntime's RNN op is slow at batch 64)
+    assert ("Loop" in ops and "RNN" not in ops) if plain_rnn else not ({"Loop"} & ops)
     session = _session(path)
     for lengths in ([1], [5, 3, 1], [20, 7, 7, 1, 13], list(range(1, 41)), [64] * 3):
         tokens, n = padded(lengths, seed=len(lengths))
@@ -118,8 +124,12 @@ def test_stages_produce_a_validated_bundle_and_leaderboard(workspace, shipped):
         assert run.info.status == "FINISHED"
         assert run.data.metrics["onnx_parity_passed"] == 1.0
         assert "test_accuracy" in run.data.metrics
-        versions = mlflow.MlflowClient().search_model_versions(f"name='rnnflow-{variant}'")
-        assert len(versions) >= 1
+        client = mlflow.MlflowClient()
+        (version,) = client.search_model_versions(f"name='rnnflow' and run_id='{run.info.run_id}'")
+        assert version.tags["variant"] == variant
+        assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation["accuracy"], 1e-3)
+        assert version.tags["parity_passed"] == "true"
+        assert float(version.tags["parity_max_abs_diff"]) <= 1e-5
 
     rows = compare(shipped)
     assert [r["variant"] for r in rows] == sorted(
@@ -134,9 +144,23 @@ def test_stages_produce_a_validated_bundle_and_leaderboard(workspace, shipped):
         output_format="list",
         order_by=["attributes.start_time DESC"],
     )[0]
-    bundle = json.loads((workspace / "models/lstm/bundle.json").read_text())
-    child = mlflow.get_run(bundle["mlflow_run_id"])
-    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    for variant in ("rnn_cell_deep", "lstm"):  # top-level in the runs table, linked to the board
+        bundle = json.loads((workspace / f"models/{variant}/bundle.json").read_text())
+        run = mlflow.get_run(bundle["mlflow_run_id"])
+        assert "mlflow.parentRunId" not in run.data.tags
+        assert run.data.tags["rnnflow.leaderboard"] == parent.info.run_id
+        assert parent.data.tags[f"rnnflow.run.{variant}"] == run.info.run_id
+
+    # the champion: the best test accuracy among versions that passed parity
+    champion = mlflow.MlflowClient().get_model_version_by_alias("rnnflow", "champion")
+    assert champion.tags["variant"] == rows[0]["variant"] == parent.data.tags["rnnflow.champion"]
+    texts = ["Nakamura", "O'Brien"]
+    served = mlflow.pyfunc.load_model("models:/rnnflow@champion").predict(texts)
+    expected = Predictor(workspace / f"models/{rows[0]['variant']}").predict(texts)
+    assert [p.label for p in served] == [e["label"] for e in expected]
+    for got, want in zip(served, expected, strict=True):
+        assert got.probabilities == pytest.approx(want["probabilities"], abs=1e-6)
+        assert sum(got.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_validate_stage_exits_nonzero_on_mismatch(workspace, shipped):

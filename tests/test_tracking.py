@@ -139,20 +139,44 @@ def test_stages_run_the_code_of_their_own_checkout(tmp_path):
     assert out.stdout.strip() == str(copy / "src/rnnflow/__init__.py"), out.stderr
 
 
-def test_stages_outside_the_venv_say_what_to_run():
-    """The interpreter the venv was made from has none of the project's packages."""
+def _bare_python() -> Path:
+    """The interpreter the venv was made from: none of the project's packages."""
     bare = Path(sys.base_prefix) / "bin" / "python3"
     if subprocess.run([bare, "-c", "import torch"], capture_output=True).returncode == 0:
         pytest.skip(f"{bare} has torch installed")
+    return bare
+
+
+def test_stages_use_the_project_venv_however_dvc_is_invoked():
+    """`.venv/bin/dvc repro` runs `python` from PATH, not the venv: the stage re-executes
+    itself with the project's interpreter, keeping its arguments."""
+    probe = "import stages, sys; print(sys.prefix); print(sys.argv[1:])"
     out = subprocess.run(
-        [bare, "-m", "stages.train", "gru"], cwd=REPO, capture_output=True, text=True
+        [_bare_python(), "-c", probe, "gru"], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    prefix, argv = out.stdout.strip().splitlines()
+    assert Path(prefix).resolve() == (REPO / ".venv").resolve()
+    assert argv == "['gru']"
+
+
+def test_stages_without_any_venv_say_what_to_run(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "stages", tmp_path / "stages")
+    out = subprocess.run(
+        [_bare_python(), "-m", "stages.train", "gru"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "DVC_ROOT"},
     )
     assert out.returncode == 1
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("stages: torch, mlflow, dvc not importable by ")
     assert line.endswith(
-        "run `make install`, then `source .venv/bin/activate` (or call "
-        ".venv/bin/dvc) before dvc repro"
+        f"no project venv at {tmp_path / '.venv'}: run `make install` (it creates .venv), "
+        "then rerun"
     )
 
 

@@ -85,8 +85,8 @@ def plot_leaderboard(rows: list[dict], path: Path) -> None:
 
 
 def compare(params: Params) -> list[dict]:
-    """Write reports/leaderboard.{md,json,png}; log them to MLflow in a parent run whose
-    children are the variants' runs, so the MLflow UI groups the six side by side."""
+    """Write reports/leaderboard.{md,json,png}; log them to MLflow in a `leaderboard` run and
+    crown the champion (see _log_leaderboard)."""
     variants = list(params.model.variants)
     rows = leaderboard_rows(variants)
     md = to_markdown(rows)
@@ -99,9 +99,11 @@ def compare(params: Params) -> list[dict]:
 
 
 def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
-    """A `leaderboard` run whose children are the variants' runs, nested under the run that
-    groups every experiment of the same baseline commit. It carries each variant's test
-    accuracy as a metric, so the runs table shows the comparison without expanding rows."""
+    """A `leaderboard` run with each variant's test accuracy as a metric, nested under the run
+    that groups every experiment of the same baseline commit. The variants' runs stay top-level
+    (so the runs table shows their metrics without expanding anything) and point at their
+    leaderboard with the tag `rnnflow.leaderboard`; the board names them in `rnnflow.run.V`.
+    The best variant whose raw-text model passed the parity gate gets the `champion` alias."""
     import mlflow
 
     tracking.configure()
@@ -120,5 +122,27 @@ def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
         client = mlflow.MlflowClient()
         for variant, run_id in run_ids.items():
             if tracking.run_exists(run_id):
-                client.set_tag(run_id, "mlflow.parentRunId", run.info.run_id)
+                client.set_tag(run_id, "rnnflow.leaderboard", run.info.run_id)
                 mlflow.set_tag(f"rnnflow.run.{variant}", run_id)
+        champion = crown_champion(rows, run_ids)
+        if champion:
+            mlflow.set_tags(
+                {"rnnflow.champion": champion[0], "rnnflow.champion_version": champion[1]}
+            )
+
+
+def crown_champion(rows: list[dict], run_ids: dict[str, str | None]) -> tuple[str, str] | None:
+    """Point `models:/rnnflow@champion` at the highest test accuracy among the variants whose
+    registered raw-text model passed parity; (variant, version), or None if none qualifies."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for row in rows:  # best test accuracy first
+        version = tracking.text_model_version(run_ids.get(row["variant"]))
+        if version is None:
+            continue
+        tags = client.get_model_version(tracking.REGISTERED_MODEL, version).tags
+        if tags.get("parity_passed") == "true":
+            client.set_registered_model_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION, version)
+            return row["variant"], version
+    return None

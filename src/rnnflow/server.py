@@ -7,7 +7,8 @@ PostgreSQL keeps MLflow's runs and registry (initdb into .rnnflow/server/pg, loo
 trust auth for the local user `postgres`); `mlflow server` proxies artifacts to
 .rnnflow/server/artifacts, so clients need nothing but MLFLOW_TRACKING_URI. Both run in the
 background; a second start reuses the data. PostgreSQL refuses to run as root, so as root its
-commands run as the `postgres` user (runuser). Tests start the same classes on free ports.
+commands run as the `postgres` user (runuser). Tests start the same classes on free ports,
+and ScoringServer (`mlflow models serve`) for the served model.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -223,46 +225,80 @@ class MlflowServer:
 
     def start(self, timeout: float = 180) -> int:
         """Start in the background (own process group) and wait until /health answers."""
-        if port_in_use(self.port):
-            raise RnnflowError(f"mlflow server: 127.0.0.1:{self.port} is already in use")
         self.artifacts.mkdir(parents=True, exist_ok=True)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            self.backend,
-            "--serve-artifacts",
-            "--artifacts-destination",
-            self.artifacts.resolve().as_uri(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.workers),
+            *("-m", "mlflow", "server", "--backend-store-uri", self.backend),
+            *("--serve-artifacts", "--artifacts-destination", self.artifacts.resolve().as_uri()),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)),
         ]
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+        return start_background("mlflow server", cmd, self.port, self.healthy, self.log, timeout)
+
+
+@dataclass
+class ScoringServer:
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1:`port`: MLflow's
+    own scoring server (uvicorn), in this environment."""
+
+    model_uri: str
+    port: int
+    log: Path
+    tracking_uri: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120) -> int:
+        cmd = [
+            *("-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local"),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+        ]
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri} if self.tracking_uri else {}
+        return start_background(
+            "mlflow models serve", cmd, self.port, self.healthy, self.log, timeout, env
+        )
+
+
+def start_background(
+    what: str,
+    python_args: list[str],
+    port: int,
+    ready: Callable[[], bool],
+    log_path: Path,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run `python ARGS` in its own process group, output to `log_path`, and wait until
+    `ready()`; return its pid. One error with the log's tail if it dies or times out."""
+    if port_in_use(port):
+        raise RnnflowError(f"{what}: 127.0.0.1:{port} is already in use")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *python_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=os.environ | (env or {}),
+        )
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_group(proc.pid)
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RnnflowError(
+                f"{what} did not start on 127.0.0.1:{port} (log {log_path}): " + " | ".join(tail)
             )
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_group(proc.pid)
-                tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise RnnflowError(
-                    f"mlflow server did not start on {self.uri} (log {self.log}): "
-                    + " | ".join(tail)
-                )
-            time.sleep(0.5)
-        return proc.pid
+        time.sleep(0.3)
+    return proc.pid
 
 
 def stop_group(pid: int, grace: float = 15) -> None:

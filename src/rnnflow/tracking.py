@@ -36,6 +36,12 @@ from rnnflow.paths import PARAMS
 
 EXPERIMENT = "rnnflow"
 WORKSPACE = "workspace"  # rnnflow.dvc_exp of a plain `dvc repro` (not a DVC experiment)
+REGISTERED_MODEL = "rnnflow"  # the raw-text model (rnnflow.serving), one version per export
+CHAMPION = "champion"  # its alias: the best variant that passed the parity gate
+# MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces); ours is a
+# model-training experiment, so it opens on the runs table.
+EXPERIMENT_KIND, MODEL_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_KIND}
 
 
 def project_root() -> Path:
@@ -93,12 +99,17 @@ def configure() -> str:
             client = mlflow.MlflowClient()
             if uri.startswith(("sqlite:", "postgresql", "mysql", "mssql")):
                 client._get_registry_client()  # creates the registry tables now, locked
-            if client.get_experiment_by_name(EXPERIMENT) is None:
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
                 try:
-                    client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(uri))
+                    client.create_experiment(
+                        EXPERIMENT, artifact_location=_artifact_location(uri), tags=EXPERIMENT_TAGS
+                    )
                 except MlflowException:  # another host created it first
                     if client.get_experiment_by_name(EXPERIMENT) is None:
                         raise
+            elif experiment.tags.get(EXPERIMENT_KIND) is None:
+                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_KIND)
         mlflow.set_experiment(EXPERIMENT)
     except Exception as err:  # MlflowException, requests errors, sqlalchemy errors
         raise RnnflowError(
@@ -335,3 +346,15 @@ def experiments_group(origin: Origin) -> str:
     if winner != created.info.run_id:
         client.delete_run(created.info.run_id)
     return winner
+
+
+def text_model_version(run_id: str | None) -> str | None:
+    """The latest version of the registered raw-text model logged by this run, if any."""
+    import mlflow
+
+    if not run_exists(run_id):
+        return None
+    versions = mlflow.MlflowClient().search_model_versions(
+        f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'"
+    )
+    return max((v.version for v in versions), key=int, default=None)

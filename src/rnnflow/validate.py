@@ -134,6 +134,7 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
             }
         )
         mlflow.log_dict(report, "validation/parity.json")
+        _tag_text_model(payload.get("mlflow_run_id"), report)
         if not report["passed"]:  # raised inside the run, so the run is marked FAILED
             worst = max(report["cases"].items(), key=lambda kv: kv[1]["max_abs_diff"])
             raise RnnflowError(
@@ -144,3 +145,21 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
             )
     write_json(metrics_file("validate", variant), report)
     return report
+
+
+def _tag_text_model(run_id: str | None, report: dict) -> None:
+    """Put the parity numbers on the registered raw-text model this run exported; compare
+    crowns only versions tagged as passed."""
+    import mlflow
+
+    version = tracking.text_model_version(run_id)
+    if version is None:
+        return
+    client = mlflow.MlflowClient()
+    tags = {
+        "parity_passed": str(report["passed"]).lower(),
+        "parity_max_abs_diff": f"{report['max_abs_diff']:.3g}",
+        "parity_argmax_agreement": f"{report['argmax_agreement']:.4f}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(tracking.REGISTERED_MODEL, version, key, value)
