@@ -53,10 +53,12 @@ serve: $(STAMP)
 	  mlflow models serve -m models:/rnnflow@champion --env-manager local \
 	  --host 127.0.0.1 --port $(SERVE_PORT)
 
-# A bounded load test of the same (about 60 s on its own server): reports/serve.json
+# A bounded load test of the same on its own server (LOADTEST_SECONDS, 8/16/32 clients):
+# reports/serve.json
+LOADTEST_SECONDS ?= 60
 loadtest: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-	  python -m rnnflow.loadtest --seconds 60
+	  python -m rnnflow.loadtest --seconds $(LOADTEST_SECONDS)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -1,12 +1,14 @@
 """DVC stage compare: all variants' metrics -> reports/leaderboard.{md,json,png}."""
 
-from rnnflow.compare import compare, to_markdown
+from rnnflow.compare import compare, to_markdown, ui_links
 from rnnflow.config import load_params
 from rnnflow.errors import run_cli
 
 
 def main() -> None:
-    print(to_markdown(compare(load_params())))
+    params = load_params()
+    print(to_markdown(compare(params)))
+    print("\n".join(ui_links(params)))
 
 
 if __name__ == "__main__":

@@ -119,3 +119,33 @@ def tracking_at(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",  # we run as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # loopback only: no calls home
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=2400,1400",  # the runs table renders only the columns in view
+)
+
+
+def browser_text(url: str, profile: Path, budget_ms: int = 20000) -> str:
+    """The visible text of `url` after headless Chromium has run its scripts for `budget_ms`
+    of virtual time (React pages fetch their data first)."""
+    import html
+    import re
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium missing: `make test` installs Debian's chromium (make system-deps)")
+    flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
+    out = subprocess.run(
+        [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
+    dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", out.stdout, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))

@@ -15,6 +15,7 @@ from rnnflow.compare import compare
 from rnnflow.errors import RnnflowError
 from rnnflow.evaluate import classification_report, evaluate_variant
 from rnnflow.export import export_bundle, export_onnx
+from rnnflow.gradients import gradient_flow
 from rnnflow.predict import Predictor
 from rnnflow.train import train_variant
 from rnnflow.validate import check_parity, validate_bundle
@@ -99,6 +100,7 @@ def shipped(workspace):
         evaluate_variant(params, variant)
         export_bundle(params, variant)
         validate_bundle(params, variant)
+        gradient_flow(params, variant)
     return params
 
 

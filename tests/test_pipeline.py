@@ -8,7 +8,11 @@ import mlflow
 import pytest
 import yaml
 
-from .conftest import VARIANTS, make_repo_copy, run, small_params, tracking_at
+from rnnflow import tracking
+from rnnflow.predict import Predictor
+from rnnflow.server import MlflowServer, ScoringServer, free_port, stop_group
+
+from .conftest import VARIANTS, browser_text, make_repo_copy, run, small_params, tracking_at
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +59,132 @@ def test_full_pipeline_from_a_fresh_copy(repo_copy):
     # predict from the bundle, as a user would
     pred = _run(f"{sys.executable} -m rnnflow.cli predict --model models/gru Tremblay", repo_copy)
     assert json.loads(pred.stdout)["text"] == "Tremblay"
+
+
+def _needs_pipeline(repo_copy: Path) -> None:
+    if not (repo_copy / "dvc.lock").exists():
+        pytest.skip("needs the full run above")
+
+
+def _champion(repo_copy: Path):
+    with tracking_at(f"sqlite:///{repo_copy}/mlflow.db"):
+        return mlflow.MlflowClient().get_model_version_by_alias("rnnflow", "champion")
+
+
+def _post(url: str, body: bytes | str, content_type: str = "application/json"):
+    import requests
+
+    return requests.post(
+        f"{url}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60
+    )
+
+
+BAD_REQUESTS = [  # (what, body, a fragment of the 4xx message)
+    ("a non-string entry", {"inputs": ["Nakamura", 3]}, "Expected type str"),
+    ("an empty string", {"inputs": ["Nakamura", " "]}, "inputs[1] is empty"),
+    ("an empty list", {"inputs": []}, "inputs is empty"),
+    ("a string, not a list", {"inputs": "Nakamura"}, "Expected list"),
+    ("no inputs key", {"texts": ["Nakamura"]}, "'inputs' key"),
+    ("a 10 MB string", {"inputs": ["x" * 10_000_000]}, "at most 10000"),
+    ("10,000 texts", {"inputs": ["Smith"] * 10_000}, "at most 1000 per request"),
+]
+
+
+def test_champion_is_served_by_mlflow_and_answers_bad_requests_with_4xx(repo_copy, tmp_path):
+    _needs_pipeline(repo_copy)
+    champion = _champion(repo_copy)
+    board = json.loads((repo_copy / "reports/leaderboard.json").read_text())
+    assert champion.tags["variant"] == board[0]["variant"]  # best test accuracy, parity passed
+    assert champion.tags["parity_passed"] == "true"
+    server = ScoringServer(
+        "models:/rnnflow@champion",
+        free_port(),
+        tmp_path / "serve.log",
+        tracking_uri=f"sqlite:///{repo_copy}/mlflow.db",
+    )
+    pid = server.start()
+    try:
+        texts = ["Nakamura", "O'Brien"]
+        resp = _post(server.url, json.dumps({"inputs": texts}))
+        assert resp.status_code == 200, resp.text
+        got = resp.json()["predictions"]
+        want = Predictor(repo_copy / "models" / champion.tags["variant"]).predict(texts)
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        for g, w in zip(got, want, strict=True):
+            assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+            assert sum(g["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+            assert g["label"] == max(g["probabilities"], key=g["probabilities"].get)
+
+        for what, body, fragment in BAD_REQUESTS:
+            resp = _post(server.url, json.dumps(body))
+            assert 400 <= resp.status_code < 500, (what, resp.status_code, resp.text[:300])
+            assert fragment in resp.json()["message"], (what, resp.text[:300])
+        resp = _post(server.url, "{not json")
+        assert resp.status_code == 400 and "valid JSON" in resp.json()["message"]
+        assert _post(server.url, "Nakamura", "text/plain").status_code == 415
+        # still alive and right after all that
+        assert _post(server.url, json.dumps({"inputs": texts})).json()["predictions"] == got
+    finally:
+        stop_group(pid)
+
+
+def test_bounded_load_test_reports_throughput_and_latency(repo_copy):
+    _needs_pipeline(repo_copy)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo_copy}/mlflow.db"}
+    _run_env = run(
+        f"{sys.executable} -m rnnflow.loadtest --seconds 8 --clients 8,32",
+        repo_copy,
+        env=env | {"HOME": str(repo_copy.parent / "home")},
+    )
+    assert "0 errors" in _run_env.stdout
+    report = json.loads((repo_copy / "reports/serve.json").read_text())
+    assert report["errors"] == 0 and report["requests"] > 50
+    assert [p["clients"] for p in report["phases"]] == [8, 32]
+    for phase in report["phases"]:
+        for kind in ("single", "batch"):
+            lat = phase["latency_ms"][kind]
+            assert 0 < lat["p50"] <= lat["p99"] < 30_000
+        assert phase["texts_per_second"] > phase["requests_per_second"] > 0
+    assert report["server_rss_growth_mb"] < 50  # no leak worth the name in a short run
+
+
+def test_mlflow_ui_shows_every_variant_and_its_accuracy_in_a_real_browser(repo_copy, tmp_path):
+    _needs_pipeline(repo_copy)
+    board = {
+        r["variant"]: r["test_accuracy"]
+        for r in json.loads((repo_copy / "reports/leaderboard.json").read_text())
+    }
+    with tracking_at(f"sqlite:///{repo_copy}/mlflow.db"):
+        experiment_id = mlflow.get_experiment_by_name("rnnflow").experiment_id
+    run_ids = [
+        json.loads((repo_copy / f"models/{v}/bundle.json").read_text())["mlflow_run_id"]
+        for v in VARIANTS
+    ]
+    server = MlflowServer(
+        f"sqlite:///{repo_copy}/mlflow.db",
+        tmp_path / "artifacts",
+        free_port(),
+        tmp_path / "ui.log",
+        1,
+    )
+    pid = server.start()
+    try:
+        runs_page = browser_text(tracking.runs_url(server.uri, experiment_id), tmp_path / "p1")
+        compare_page = browser_text(
+            tracking.compare_url(server.uri, experiment_id, run_ids), tmp_path / "p2"
+        )
+    finally:
+        stop_group(pid)
+    # the runs table: no GenAI overview, the variants' runs with their test accuracy column
+    assert "Traces 0" not in runs_page and "test_accuracy" in runs_page
+    for variant, accuracy in board.items():
+        assert f" {variant} " in runs_page, variant
+        assert repr(accuracy) in runs_page, (variant, accuracy)
+    # the compare page: the six runs side by side, test accuracy rounded to 3 places
+    assert "Comparing 6 Runs" in compare_page
+    names = " ".join(VARIANTS)
+    assert f"Run Name: {names}" in compare_page
+    assert " ".join(f"{round(board[v], 3):g}" for v in VARIANTS) in compare_page
 
 
 def test_two_full_runs_give_identical_metrics(repo_copy):

@@ -21,12 +21,14 @@ COLUMNS = (
     ("latency_ms_batch1_p50", "latency b=1 ms", "{:.2f}"),
     ("onnx_max_abs_diff", "ONNX max abs diff", "{:.1e}"),
     ("onnx_parity", "ONNX parity", "{}"),
+    ("grad_decay_per_step", "dL/dh decay/step", "{}"),
 )
 
 
 def leaderboard_rows(variants: list[str]) -> list[dict]:
     """One row per variant from its train/eval/validate metrics, best test accuracy first."""
     rows = []
+    gradients = {v: read_json(metrics_file("gradients", v)) for v in variants}
     for v in variants:
         train = read_json(metrics_file("train", v))
         evaluation = read_json(metrics_file("eval", v))
@@ -48,9 +50,40 @@ def leaderboard_rows(variants: list[str]) -> list[dict]:
                 "latency_ms_batch1_p50": timing["latency_ms_batch1_p50"],
                 "onnx_max_abs_diff": parity["max_abs_diff"],
                 "onnx_parity": "pass" if parity["passed"] else "FAIL",
+                "grad_decay_per_step": _decay(gradients[v]),
             }
         )
     return sorted(rows, key=lambda r: (-r["test_accuracy"], r["variant"]))
+
+
+def _decay(report: dict) -> str:
+    """'0.71 (init 0.64)': dL/dh_t's factor per step back in time, trained and at init."""
+    trained, init = report.get("decay_per_step"), report.get("decay_per_step_init")
+    if trained is None:
+        return "-"
+    return f"{trained:.3f}" + (f" (init {init:.3f})" if init is not None else "")
+
+
+def plot_gradients(variants: list[str], path: Path) -> None:
+    """log10 ||dL/dh_t|| against steps before the end, all variants: trained solid, init
+    dashed (the top layer)."""
+    fig, ax = plots.subplots(figsize=(8, 5))
+    for i, v in enumerate(variants):
+        series = read_json(metrics_file("gradients", v))["series"]
+        k = [r["steps_before_end"] for r in series]
+        color = f"C{i}"
+        trained = [r["log10_grad_norm"] for r in series]
+        init = [r["log10_grad_norm_init"] for r in series]
+        ax.plot(k, [np.nan if y is None else y for y in trained], color=color, label=v)
+        ax.plot(k, [np.nan if y is None else y for y in init], color=color, ls="--", lw=0.8)
+    ax.set(
+        xlabel="steps before the end of the sequence (k = T - 1 - t)",
+        ylabel="mean log10 ||dL/dh_t||",
+        title="Gradient flow back through time (solid: trained, dashed: at init)",
+    )
+    ax.legend()
+    fig.tight_layout()
+    plots.save(fig, path)
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -93,9 +126,27 @@ def compare(params: Params) -> list[dict]:
     write_text(REPORTS / "leaderboard.md", md)
     write_json(REPORTS / "leaderboard.json", rows)
     plot_leaderboard(rows, REPORTS / "leaderboard.png")
-    run_ids = {v: read_json(bundle_dir(v) / "bundle.json").get("mlflow_run_id") for v in variants}
-    _log_leaderboard(rows, run_ids)
+    plot_gradients(variants, REPORTS / "gradients.png")
+    _log_leaderboard(rows, _run_ids(variants))
     return rows
+
+
+def _run_ids(variants: list[str]) -> dict[str, str | None]:
+    return {v: read_json(bundle_dir(v) / "bundle.json").get("mlflow_run_id") for v in variants}
+
+
+def ui_links(params: Params, base: str = "http://127.0.0.1:5000") -> list[str]:
+    """Where the MLflow UI (`make ui`, or the tracking server) shows this comparison."""
+    import mlflow
+
+    uri = tracking.configure()
+    base = uri.rstrip("/") if uri.startswith("http") else base
+    experiment_id = mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    run_ids = [r for r in _run_ids(list(params.model.variants)).values() if r]
+    return [
+        f"MLflow runs table: {tracking.runs_url(base, experiment_id)}",
+        f"MLflow compare page: {tracking.compare_url(base, experiment_id, run_ids)}",
+    ]
 
 
 def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
@@ -111,7 +162,7 @@ def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
     group = tracking.experiments_group(origin)
     tags = {"rnnflow.kind": "leaderboard", "mlflow.parentRunId": group}
     with tracking.stage_run("compare", run_name=origin.run_name("leaderboard"), tags=tags) as run:
-        for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png"):
+        for name in ("leaderboard.md", "leaderboard.json", "leaderboard.png", "gradients.png"):
             mlflow.log_artifact(str(REPORTS / name))
         best = rows[0]
         mlflow.log_metrics(
@@ -124,6 +175,10 @@ def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
             if tracking.run_exists(run_id):
                 client.set_tag(run_id, "rnnflow.leaderboard", run.info.run_id)
                 mlflow.set_tag(f"rnnflow.run.{variant}", run_id)
+                flow = read_json(metrics_file("gradients", variant))
+                for key in ("decay_per_step", "decay_per_step_init"):
+                    if flow.get(key) is not None:
+                        client.log_metric(run_id, f"grad_{key}", flow[key])
         champion = crown_champion(rows, run_ids)
         if champion:
             mlflow.set_tags(

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rnnflow.errors import RnnflowError
 from rnnflow.paths import PARAMS
 
-DataSource = Literal["builtin", "csv", "tsv", "jsonl", "ag_news", "imdb"]
+DataSource = Literal["builtin", "longrange", "csv", "tsv", "jsonl", "ag_news", "imdb"]
 
 
 class _Strict(BaseModel):
@@ -36,6 +36,8 @@ class DataParams(_Strict):
     label_column: str = "label"
     split: SplitParams = SplitParams()
     max_per_class: int | None = Field(None, ge=1)
+    length: int = Field(50, ge=2)  # longrange: tokens per text (pack.max_len follows it)
+    size: int = Field(4000, ge=40)  # longrange: texts generated
 
     @model_validator(mode="after")
     def _path_for_files(self) -> "DataParams":
@@ -98,6 +100,17 @@ class Params(_Strict):
     export: ExportParams = ExportParams()
     parity: ParityParams = ParityParams()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _max_len_follows_longrange(cls, raw: object) -> object:
+        """longrange texts are exactly data.length tokens: pack.max_len is set to it, so no
+        sweep over data.length can truncate away the start that decides the class."""
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if isinstance(data, dict) and data.get("source") == "longrange":
+            length = data.get("length", DataParams.model_fields["length"].default)
+            raw = raw | {"pack": (raw.get("pack") or {}) | {"max_len": length}}
+        return raw
+
     @model_validator(mode="after")
     def _variants_known(self) -> "Params":
         from rnnflow.variants import check_variant
@@ -123,10 +136,11 @@ class Params(_Strict):
 
     @property
     def token_level(self) -> Literal["char", "word"]:
-        """The tokenization level; `auto` is char for the builtin surnames, word otherwise."""
+        """The tokenization level; `auto` is char for the builtin surnames and the longrange
+        characters, word otherwise."""
         if self.tokenize.level != "auto":
             return self.tokenize.level
-        return "char" if self.data.source == "builtin" else "word"
+        return "char" if self.data.source in ("builtin", "longrange") else "word"
 
 
 def _describe(err: ValidationError, path: Path, prefix: str = "") -> str:

@@ -89,7 +89,7 @@ def cap_per_class(rows: list[tuple[str, str]], cap: int, seed: int) -> tuple[lis
 
 def prepare(params: Params, out_dir: Path | None = None, report_dir: Path = DATA_REPORTS) -> dict:
     """Load the configured source, clean and split it, and write the splits and a report."""
-    table = load_source(params.data, RAW)
+    table = load_source(params.data, RAW, params.seed)
     rows, dropped = deduplicate(table)
     dropped.update(table.dropped)
     if params.data.max_per_class:

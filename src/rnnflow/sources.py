@@ -5,6 +5,7 @@ import importlib
 import io
 import json
 import math
+import random
 import tarfile
 import unicodedata
 from collections import Counter
@@ -234,10 +235,32 @@ def load_benchmark(name: str, cache_dir: Path, benchmarks: dict[str, Benchmark] 
     return bench.parse([fetch(remote, cache_dir) for remote in bench.files])
 
 
-def load_source(data: DataParams, raw_dir: Path) -> RawTable:
+# --- longrange: a synthetic memory test ---------------------------------------------------------
+
+LONGRANGE_SIGNALS = "abcd"  # the first character: it alone decides the class
+LONGRANGE_NOISE = "efghijklmnopqrstuvwxyz"  # every later character: uniform, independent of it
+
+
+def load_longrange(length: int, size: int, seed: int) -> RawTable:
+    """`size` texts of exactly `length` characters, classes balanced. The first character is
+    the class (`class_a` .. `class_d`); the other length-1 are noise drawn independently of
+    it, so a model reading left to right must carry the first character across length-1
+    steps, and chance is 1/4."""
+    rng = random.Random(f"longrange:{seed}:{length}:{size}")
+    table = RawTable(origin=f"longrange (length {length}, size {size}, seed {seed})")
+    for i in range(size):
+        signal = LONGRANGE_SIGNALS[i % len(LONGRANGE_SIGNALS)]
+        noise = "".join(rng.choices(LONGRANGE_NOISE, k=length - 1))
+        table.add(signal + noise, f"class_{signal}")
+    return table
+
+
+def load_source(data: DataParams, raw_dir: Path, seed: int = 42) -> RawTable:
     """Read the labelled text that params.yaml's `data` section points at."""
     if data.source == "builtin":
         return load_builtin()
+    if data.source == "longrange":
+        return load_longrange(data.length, data.size, seed)
     if data.source in BENCHMARKS:
         return load_benchmark(data.source, raw_dir)
     path = Path(data.path)

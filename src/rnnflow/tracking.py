@@ -41,7 +41,25 @@ CHAMPION = "champion"  # its alias: the best variant that passed the parity gate
 # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview (traces); ours is a
 # model-training experiment, so it opens on the runs table.
 EXPERIMENT_KIND, MODEL_KIND = "mlflow.experimentKind", "custom_model_development"
-EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_KIND}
+# A saved view of the runs table (the UI's "Views", shareable by URL): the variants' runs
+# sorted by test accuracy, with the comparison's columns shown. runs_url() opens it.
+VIEW_KEY = "rnnflow-leaderboard"
+_VIEW_COLUMNS = ("test_accuracy", "test_macro_f1", "best_val_acc", "onnx_max_abs_diff")
+_VIEW_STATE = {
+    "orderByKey": "metrics.`test_accuracy`",
+    "orderByAsc": False,
+    "selectedColumns": [f"metrics.`{m}`" for m in _VIEW_COLUMNS],
+}
+EXPERIMENT_TAGS = {
+    EXPERIMENT_KIND: MODEL_KIND,
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(
+        {
+            "name": "rnnflow: variants by test accuracy",
+            "createdAt": 0,
+            "state": json.dumps(_VIEW_STATE),
+        }
+    ),
+}
 
 
 def project_root() -> Path:
@@ -108,8 +126,10 @@ def configure() -> str:
                 except MlflowException:  # another host created it first
                     if client.get_experiment_by_name(EXPERIMENT) is None:
                         raise
-            elif experiment.tags.get(EXPERIMENT_KIND) is None:
-                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_KIND)
+            else:
+                for key, value in EXPERIMENT_TAGS.items():
+                    if experiment.tags.get(key) != value:
+                        client.set_experiment_tag(experiment.experiment_id, key, value)
         mlflow.set_experiment(EXPERIMENT)
     except Exception as err:  # MlflowException, requests errors, sqlalchemy errors
         raise RnnflowError(
@@ -275,6 +295,8 @@ def stage_run(stage: str, run_id: str | None = None, **start: Any) -> Iterator[A
             ) from err
         raise
     mlflow.set_tag(f"rnnflow.stage.{stage}", "done")
+    if "rnnflow.failure" in run.data.tags:  # an earlier attempt failed; this one did not
+        mlflow.MlflowClient().delete_tag(run.info.run_id, "rnnflow.failure")
     mlflow.end_run(status="FINISHED")
 
 
@@ -358,3 +380,17 @@ def text_model_version(run_id: str | None) -> str | None:
         f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'"
     )
     return max((v.version for v in versions), key=int, default=None)
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The UI's runs table on the saved leaderboard view (model-training mode, not GenAI)."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
+    """The UI's Compare page for these runs (params and metrics side by side, plots)."""
+    from urllib.parse import quote
+
+    runs = quote(json.dumps(run_ids, separators=(",", ":")))
+    return f"{base}/#/compare-runs?runs={runs}&experiments={quote(json.dumps([experiment_id]))}"

@@ -34,6 +34,7 @@ class EpochResult:
     seconds: float
     grad_norm_mean: float = math.nan
     grad_norm_max: float = math.nan
+    clipped_share: float = math.nan  # steps whose pre-clip norm exceeded clip_norm
 
 
 def run_epoch(model, loader, device, optimizer=None, clip_norm=None, desc="") -> EpochResult:
@@ -64,6 +65,7 @@ def run_epoch(model, loader, device, optimizer=None, clip_norm=None, desc="") ->
         seconds=time.perf_counter() - start,
         grad_norm_mean=float(np.mean(norms)) if norms else math.nan,
         grad_norm_max=float(np.max(norms)) if norms else math.nan,
+        clipped_share=float(np.mean(np.array(norms) > clip_norm)) if norms else math.nan,
     )
 
 
@@ -200,6 +202,7 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
                 "val_acc": va.accuracy,
                 "grad_norm_mean": tr.grad_norm_mean,
                 "grad_norm_max": tr.grad_norm_max,
+                "clipped_share": tr.clipped_share,
             }
             print(
                 f"train@{variant} epoch {epoch}: train loss {tr.loss:.4f} "
