@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps run test test-fast lint format bench ui server server-stop serve loadtest clean
+.PHONY: install system-deps run test test-fast lint format bench ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
@@ -59,6 +59,15 @@ LOADTEST_SECONDS ?= 60
 loadtest: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  python -m rnnflow.loadtest --seconds $(LOADTEST_SECONDS)
+
+# The memory-horizon sweep (README "Gradient flow and memory horizon"): one queued DVC
+# experiment per length on the synthetic longrange task, two workers, then the report.
+LONGRANGE_SET ?= -S data.source=longrange -S 'data.length=10,25,50,100,200' -S data.size=2000 \
+	-S model.defaults.hidden_size=64 -S train.epochs=10
+longrange: $(STAMP)
+	dvc exp run --queue $(LONGRANGE_SET) evaluate gradients
+	dvc queue start -j 2
+	python -m rnnflow.longrange
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -1,6 +1,8 @@
 """End to end: `dvc repro` of the whole pipeline in a fresh copy of the repository (slow)."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from rnnflow import tracking
 from rnnflow.predict import Predictor
 from rnnflow.server import MlflowServer, ScoringServer, free_port, stop_group
 
-from .conftest import VARIANTS, browser_text, make_repo_copy, run, small_params, tracking_at
+from .conftest import REPO, VARIANTS, browser_text, make_repo_copy, run, small_params, tracking_at
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +189,108 @@ def test_mlflow_ui_shows_every_variant_and_its_accuracy_in_a_real_browser(repo_c
     assert " ".join(f"{round(board[v], 3):g}" for v in VARIANTS) in compare_page
 
 
+def readme_blocks(text: str, language: str) -> list[str]:
+    """The fenced code blocks of one language, in order."""
+    import re
+
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+# How the README's bash blocks are run: as written, one after another in one bash session,
+# except for three things a script cannot do the way a person at a terminal does:
+README_RULES = r"""
+set -euo pipefail
+wait_queue() {   # after `dvc queue start`: a person watches `dvc queue status`; we poll it
+  for _ in $(seq 600); do
+    status=$(dvc queue status 2>&1) || true
+    if ! grep -qE "Queued|Running" <<<"$status"; then echo "$status"; return 0; fi
+    sleep 1
+  done
+  echo "queue did not finish" >&2; return 1
+}
+serve_bg() {     # `make serve` holds its terminal: start it in the background, wait for it
+  setsid make serve > "$1" 2>&1 < /dev/null &
+  SERVE_PID=$!
+  for _ in $(seq 240); do curl -sf 127.0.0.1:5001/ping > /dev/null && return 0; sleep 0.5; done
+  cat "$1" >&2; return 1
+}
+"""
+
+
+def readme_script(text: str) -> str:
+    """README's bash blocks as one script, with the rules above applied line by line."""
+    lines = [README_RULES]
+    for block in readme_blocks(text, "bash"):
+        serving = False
+        for line in block.splitlines():
+            command = line.split(" #")[0].strip()
+            if command == "make test":
+                lines.append(f": skipped, this test is part of it: {line!r}")
+            elif command == "make serve":
+                lines.append("serve_bg serve.log")
+                serving = True
+            else:
+                lines.append(line)
+                if "dvc queue start" in command:
+                    lines.append("wait_queue")
+        if serving:
+            lines.append('kill -- -"$SERVE_PID"; wait "$SERVE_PID" || true')
+    return "\n".join(lines) + "\n"
+
+
+def test_every_readme_command_works_as_written(repo_copy):
+    """The README from top to bottom in a fresh copy: `make run`, activating the venv, the
+    DVC commands, a queued sweep, the team server with a queue, push/clone/pull, predict,
+    the Python examples, serving and the load test. The long sweep kept as a record (a text
+    block) is queued as written, counted and removed unrun."""
+    _needs_pipeline(repo_copy)
+    venv = REPO / ".venv"
+    if not (repo_copy / ".venv").exists():
+        (repo_copy / ".venv").symlink_to(venv)
+    if run("make -q install", repo_copy, check=False).returncode != 0:
+        pytest.skip(".venv is older than pyproject.toml here; `make install` first")
+    home = repo_copy.parent / "home"
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if str(venv) not in p)
+    env = {"MLFLOW_TRACKING_URI": None, "HOME": str(home), "PATH": path, "VIRTUAL_ENV": None}
+    env["LOADTEST_SECONDS"] = "6"  # `make loadtest` reads it; the README's default is 60
+    readme = (repo_copy / "README.md").read_text()
+    script = repo_copy / "readme.sh"
+    script.write_text(readme_script(readme))
+    try:
+        proc = subprocess.run(
+            ["bash", "-x", str(script)],
+            cwd=repo_copy,
+            env={k: v for k, v in (os.environ | env).items() if v is not None},
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = proc.stdout
+        assert "Data and pipelines are up to date." in out
+        assert out.count("Success") >= 4  # two queued sweeps of two experiments each
+        assert '"predictions": [{"label": ' in out  # curl against `make serve`
+        assert json.loads((repo_copy / "reports/serve.json").read_text())["errors"] == 0
+        for block in readme_blocks(readme, "python"):
+            py = subprocess.run(
+                [str(venv / "bin/python"), "-c", block],
+                cwd=repo_copy,
+                capture_output=True,
+                text=True,
+                env={k: v for k, v in (os.environ | env).items() if v is not None},
+            )
+            assert py.returncode == 0, (block, py.stderr[-2000:])
+
+        # the record of the big sweep: queued as written, 13 experiments, removed unrun
+        (record,) = [b for b in readme_blocks(readme, "text") if "dvc exp run --queue $T" in b]
+        queue = [ln for ln in record.splitlines() if ln.startswith(("T=", "dvc exp run"))]
+        _run(" && ".join(queue), repo_copy)
+        assert _run("dvc queue status", repo_copy).stdout.count("Queued") == 13
+        _run("dvc queue remove --queued", repo_copy)
+    finally:
+        run("make server-stop", repo_copy, env=env, check=False)
+
+
 def test_two_full_runs_give_identical_metrics(repo_copy):
     if not (repo_copy / "dvc.lock").exists():
         pytest.skip("needs the full run above")
@@ -201,7 +305,7 @@ def test_two_full_runs_give_identical_metrics(repo_copy):
 def test_push_then_a_fresh_clone_pulls_everything(repo_copy, tmp_path):
     if not (repo_copy / "dvc.lock").exists():
         pytest.skip("needs the full run above")
-    _run("git add dvc.lock && git -c user.name=t -c user.email=t@t commit -qm results", repo_copy)
+    _run("git add dvc.lock && (git diff --cached --quiet || git commit -qm results)", repo_copy)
     remote = repo_copy.parent / "home/.local/share/rnnflow/dvc-remote"  # the default remote
     assert str(remote) in _run("dvc remote list", repo_copy).stdout
     _run("dvc push", repo_copy)

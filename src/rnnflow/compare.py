@@ -151,9 +151,11 @@ def ui_links(params: Params, base: str = "http://127.0.0.1:5000") -> list[str]:
 
 def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
     """A `leaderboard` run with each variant's test accuracy as a metric, nested under the run
-    that groups every experiment of the same baseline commit. The variants' runs stay top-level
-    (so the runs table shows their metrics without expanding anything) and point at their
-    leaderboard with the tag `rnnflow.leaderboard`; the board names them in `rnnflow.run.V`.
+    that groups every experiment of the same baseline commit. Each variant's run gets its
+    parity report (validate@VARIANT writes files only) and gradient decay. The variants' runs
+    stay top-level (so the runs table shows their metrics without expanding anything) and
+    point at their leaderboard with the tag `rnnflow.leaderboard`; the board names them in
+    `rnnflow.run.V`.
     The best variant whose raw-text model passed the parity gate gets the `champion` alias."""
     import mlflow
 
@@ -175,6 +177,7 @@ def _log_leaderboard(rows: list[dict], run_ids: dict[str, str | None]) -> None:
             if tracking.run_exists(run_id):
                 client.set_tag(run_id, "rnnflow.leaderboard", run.info.run_id)
                 mlflow.set_tag(f"rnnflow.run.{variant}", run_id)
+                tracking.log_parity(run_id, read_json(metrics_file("validate", variant)))
                 flow = read_json(metrics_file("gradients", variant))
                 for key in ("decay_per_step", "decay_per_step_init"):
                     if flow.get(key) is not None:

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnnflow import checkpoint, plots, runtime, tracking
+from rnnflow import checkpoint, plots, runtime
 from rnnflow.atomic import write_json
 from rnnflow.batching import PackedSplit, make_loader
 from rnnflow.config import Params
-from rnnflow.paths import PACKED, REPORTS, TOKENIZER_DIR, metrics_file
+from rnnflow.paths import PACKED, TOKENIZER_DIR, confusion_plot, metrics_file
 from rnnflow.paths import checkpoint as checkpoint_path
 from rnnflow.text import file_hash
 
@@ -85,7 +85,8 @@ def plot_confusion(report: dict, title: str, path: Path) -> None:
 
 
 def evaluate_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
-    """Score the best checkpoint on the test split; write metrics, plot; log to MLflow."""
+    """Score the best checkpoint on the test split; write metrics and plot. No MLflow here:
+    export@VARIANT logs these files into the variant's run (one tracking start fewer)."""
     device = runtime.setup(params.seed)
     model, payload = checkpoint.load_model(
         checkpoint_path(variant), file_hash(TOKENIZER_DIR / "tokenizer.json")
@@ -101,14 +102,6 @@ def evaluate_variant(params: Params, variant: str, packed_dir: Path = PACKED) ->
     }
     write_json(metrics_file("eval", variant), report)
     write_json(metrics_file("timing", f"eval_{variant}"), timing)
-    png = REPORTS / "confusion" / f"{variant}.png"
+    png = confusion_plot(variant)
     plot_confusion(report, f"{variant}: test accuracy {report['accuracy']:.3f}", png)
-    with tracking.variant_run("evaluate", variant, payload.get("mlflow_run_id")):
-        import mlflow
-
-        mlflow.log_metrics(
-            {"test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"]} | timing
-        )
-        mlflow.log_dict(report, "evaluation/test_report.json")
-        mlflow.log_artifact(str(png), "evaluation")
     return report | timing

@@ -28,7 +28,7 @@ from rnnflow.atomic import atomic_path, read_json, write_json
 from rnnflow.config import Params
 from rnnflow.errors import RnnflowError
 from rnnflow.models import CellLoopCore, RNNClassifier
-from rnnflow.paths import TOKENIZER_DIR, bundle_dir, metrics_file
+from rnnflow.paths import TOKENIZER_DIR, bundle_dir, confusion_plot, metrics_file
 from rnnflow.paths import checkpoint as checkpoint_path
 from rnnflow.text import file_hash
 from rnnflow.vocab import labels_path
@@ -186,9 +186,22 @@ def export_bundle(params: Params, variant: str) -> dict:
     }
     write_json(out / "bundle.json", bundle)
     with tracking.variant_run("export", variant, payload.get("mlflow_run_id")):
+        _log_evaluation(variant, evaluation)
         _log_onnx_model(out, len(payload["labels"]))
         version = _log_text_model(out, variant, bundle["metrics"])
     return bundle | {"registered_version": version}
+
+
+def _log_evaluation(variant: str, evaluation: dict) -> None:
+    """evaluate@VARIANT's results, recorded here so that stage needs no MLflow start-up."""
+    import mlflow
+
+    timing = read_json(metrics_file("timing", f"eval_{variant}"))
+    mlflow.log_metrics(
+        {"test_accuracy": evaluation["accuracy"], "test_macro_f1": evaluation["macro_f1"]} | timing
+    )
+    mlflow.log_dict(evaluation, "evaluation/test_report.json")
+    mlflow.log_artifact(str(confusion_plot(variant)), "evaluation")
 
 
 def _log_onnx_model(out: Path, num_classes: int) -> None:

@@ -33,3 +33,8 @@ def bundle_dir(variant: str) -> Path:
 def metrics_file(kind: str, variant: str) -> Path:
     """A DVC metrics file: kind is train, eval, validate or timing."""
     return METRICS / kind / f"{variant}.json"
+
+
+def confusion_plot(variant: str) -> Path:
+    """The test-split confusion matrix of one variant (evaluate writes it, export logs it)."""
+    return REPORTS / "confusion" / f"{variant}.png"

@@ -394,3 +394,29 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
 
     runs = quote(json.dumps(run_ids, separators=(",", ":")))
     return f"{base}/#/compare-runs?runs={runs}&experiments={quote(json.dumps([experiment_id]))}"
+
+
+def log_parity(run_id: str, report: dict) -> None:
+    """validate@VARIANT's parity report into the variant's run, and its numbers onto the
+    registered raw-text model that run exported (compare crowns only versions that passed)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    metrics = {
+        "onnx_max_abs_diff": report["max_abs_diff"],
+        "onnx_argmax_agreement": report["argmax_agreement"],
+        "onnx_parity_passed": float(report["passed"]),
+    }
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.log_dict(run_id, report, "validation/parity.json")
+    version = text_model_version(run_id)
+    if version is None:
+        return
+    tags = {
+        "parity_passed": str(report["passed"]).lower(),
+        "parity_max_abs_diff": f"{report['max_abs_diff']:.3g}",
+        "parity_argmax_agreement": f"{report['argmax_agreement']:.4f}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(REGISTERED_MODEL, version, key, value)

@@ -123,43 +123,22 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
     test = PackedSplit.load(packed_dir / "test.npz")
     cases = parity_cases(test, params.pack.batch_size, params.pack.max_len)
     report = check_parity(torch_fn, onnx_fn, cases, params.parity.atol, params.parity.rtol)
-    with tracking.variant_run("validate", variant, payload.get("mlflow_run_id")):
-        import mlflow
-
-        mlflow.log_metrics(
-            {
-                "onnx_max_abs_diff": report["max_abs_diff"],
-                "onnx_argmax_agreement": report["argmax_agreement"],
-                "onnx_parity_passed": float(report["passed"]),
-            }
-        )
-        mlflow.log_dict(report, "validation/parity.json")
-        _tag_text_model(payload.get("mlflow_run_id"), report)
-        if not report["passed"]:  # raised inside the run, so the run is marked FAILED
-            worst = max(report["cases"].items(), key=lambda kv: kv[1]["max_abs_diff"])
-            raise RnnflowError(
-                f"{bundle_dir(variant)}/model.onnx: parity gate FAILED - max |delta logits| "
-                f"{report['max_abs_diff']:.3g} (allowed {params.parity.atol:g} + "
-                f"{params.parity.rtol:g} * |logit|), argmax agreement "
-                f"{report['argmax_agreement']:.4f}; worst case '{worst[0]}'"
-            )
+    if not report["passed"]:
+        _fail(variant, payload.get("mlflow_run_id"), report, params)
     write_json(metrics_file("validate", variant), report)
     return report
 
 
-def _tag_text_model(run_id: str | None, report: dict) -> None:
-    """Put the parity numbers on the registered raw-text model this run exported; compare
-    crowns only versions tagged as passed."""
-    import mlflow
-
-    version = tracking.text_model_version(run_id)
-    if version is None:
-        return
-    client = mlflow.MlflowClient()
-    tags = {
-        "parity_passed": str(report["passed"]).lower(),
-        "parity_max_abs_diff": f"{report['max_abs_diff']:.3g}",
-        "parity_argmax_agreement": f"{report['argmax_agreement']:.4f}",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(tracking.REGISTERED_MODEL, version, key, value)
+def _fail(variant: str, run_id: str | None, report: dict, params: Params) -> None:
+    """Record the failed gate in the variant's run (marked FAILED) and stop the pipeline.
+    A passing gate needs no MLflow here: compare records every variant's parity numbers."""
+    worst = max(report["cases"].items(), key=lambda kv: kv[1]["max_abs_diff"])
+    message = (
+        f"{bundle_dir(variant)}/model.onnx: parity gate FAILED - max |delta logits| "
+        f"{report['max_abs_diff']:.3g} (allowed {params.parity.atol:g} + "
+        f"{params.parity.rtol:g} * |logit|), argmax agreement "
+        f"{report['argmax_agreement']:.4f}; worst case '{worst[0]}'"
+    )
+    with tracking.variant_run("validate", variant, run_id) as run:
+        tracking.log_parity(run.info.run_id, report)
+        raise RnnflowError(message)  # inside the run, so the run is marked FAILED
