@@ -23,7 +23,6 @@ from rnnflow.atomic import write_json, write_text
 from rnnflow.batching import BucketBatchSampler, PackedSplit
 from rnnflow.config import Params, load_params
 from rnnflow.errors import run_cli
-from rnnflow.evaluate import latency
 from rnnflow.export import export_onnx
 from rnnflow.models import ModelConfig, RNNClassifier
 from rnnflow.pack import padding_report
@@ -57,6 +56,27 @@ class TutorialModel(nn.Module):
                 state[i] = cell(inp, state[i])
                 inp = state[i][0] if self.lstm else state[i]
         return self.head(inp)
+
+
+def paired_latency(a, b, rounds: int = 7, calls: int = 40, warmup: int = 20):
+    """p50/p95 milliseconds of two no-argument calls, timed in alternating blocks (a's block,
+    b's block, ... `rounds` times), so slow drifts of the machine hit both alike. Blocks, not
+    single calls: each runtime's thread pool spins for a while after a call, which would
+    slow the other one's next call."""
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for fn in (a, b):
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for which, fn in enumerate((a, b)):
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                times[which].append((time.perf_counter() - start) * 1e3)
+    return tuple(
+        {"p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95))}
+        for t in times.values()
+    )
 
 
 def _batches(split: PackedSplit, batch_size: int, bucketed: bool, pool: int, count: int):
@@ -142,6 +162,9 @@ def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
         contenders[f"{variant}/reference"] = (TutorialModel(cfg), ref_batches)
     rates = train_throughput(contenders)
     rng = np.random.default_rng(0)
+    # the same batches for every variant; eager and onnxruntime calls alternate, so the
+    # machine's noise hits both alike
+    latency_batches = {b: train.batch(rng.choice(len(train), size=b)) for b in (1, 64)}
     for variant, cfg in configs.items():
         ours, reference = rates[variant], rates[f"{variant}/reference"]
         model = RNNClassifier(cfg).eval()
@@ -153,17 +176,14 @@ def run_bench(params: Params, packed_dir: Path = PACKED) -> dict:
                 str(Path(tmp) / "m.onnx"), options, providers=["CPUExecutionProvider"]
             )
         lat = {}
-        for b in (1, 64):
-            tokens, lengths, _ = train.batch(rng.choice(len(train), size=b))
+        for b, (tokens, lengths, _) in latency_batches.items():
             x, n = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths)
+            feed = {"tokens": x.numpy(), "lengths": n.numpy()}
             with torch.no_grad():
-                eager = latency(model, (x, n), repeats=200, warmup=10)
-            onnx = latency(
-                lambda t, n, s=session: s.run(None, {"tokens": t, "lengths": n}),
-                (x.numpy(), n.numpy()),
-                repeats=200,
-                warmup=10,
-            )
+                eager, onnx = paired_latency(
+                    lambda m=model, x=x, n=n: m(x, n),
+                    lambda s=session, f=feed: s.run(None, f),
+                )
             lat[f"batch{b}"] = {
                 "torch_eager_ms": eager,
                 "onnxruntime_ms": onnx,
