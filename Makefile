@@ -15,19 +15,24 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m rnnflow.envcheck
 	touch $(STAMP)
 
-# PostgreSQL for `make server` and the tracking-server tests: Debian's package, installed
-# when missing (we run as root; PostgreSQL itself then runs as the postgres user).
+# Debian packages the tests need, installed when missing (we run as root): PostgreSQL for
+# `make server` and the tracking-server tests (it then runs as the postgres user), Chromium
+# for the headless-browser check of the MLflow UI.
 system-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null; then \
-	  echo "make: PostgreSQL missing - installing Debian's postgresql (apt-get install -y postgresql)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	@missing=""; \
+	if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null; then \
+	  missing="postgresql"; fi; \
+	if ! command -v chromium >/dev/null; then missing="$$missing chromium"; fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "make: missing Debian packages, installing: apt-get install -y$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 run: $(STAMP)
 	dvc repro
 
 test: $(STAMP) system-deps
-	pytest -m "slow or not slow"
+	pytest -m "slow or not slow" --durations=15
 
 test-fast: $(STAMP)
 	pytest

@@ -114,3 +114,38 @@ def test_flow_series_has_one_value_per_step_and_a_fitted_decay():
     assert decay is not None and 0 < decay < 1  # an untrained tanh RNN: vanishing
     # an exact geometric series is fitted exactly
     assert decay_per_step(np.log10(0.5) * np.arange(10), np.full(10, 50)) == pytest.approx(0.5)
+
+
+def test_longrange_report_reads_finished_longrange_experiments_only():
+    from rnnflow.longrange import collect, to_markdown
+
+    def exp(name, state, source, length, acc):
+        params = {"data": {"data": {"source": source, "length": length, "size": 400}}}
+        metrics = {
+            "metrics/eval/gru.json": {"data": {"accuracy": acc}},
+            "metrics/gradients/gru.json": {
+                "data": {"decay_per_step": 0.9, "decay_per_step_init": 0.5}
+            },
+        }
+        rev = {"name": name, "data": {"params": {"params.yaml": params}, "metrics": metrics}}
+        return {"name": name, "executor": {"state": state}, "revs": [rev]}
+
+    shown = [
+        {
+            "name": "main",
+            "experiments": [
+                exp("long", "success", "longrange", 50, 0.75),
+                exp("short", "success", "longrange", 10, 1.0),
+                exp("busy", "running", "longrange", 100, 0.77),  # metrics not its own yet
+                exp("names", "success", "builtin", 50, 0.77),
+            ],
+        },
+    ]
+    rows = collect(shown)
+    assert [(r["experiment"], r["length"]) for r in rows] == [("short", 10), ("long", 50)]
+    assert rows[1]["variants"]["gru"] == {
+        "test_accuracy": 0.75,
+        "decay_per_step": 0.9,
+        "decay_per_step_init": 0.5,
+    }
+    assert "| 50 | 0.750 (0.90) |" in to_markdown(rows)

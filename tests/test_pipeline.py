@@ -203,7 +203,9 @@ set -euo pipefail
 wait_queue() {   # after `dvc queue start`: a person watches `dvc queue status`; we poll it
   for _ in $(seq 600); do
     status=$(dvc queue status 2>&1) || true
-    if ! grep -qE "Queued|Running" <<<"$status"; then echo "$status"; return 0; fi
+    if ! grep -q Queued <<<"$status" && grep -q "0 active" <<<"$status"; then
+      echo "$status"; return 0
+    fi
     sleep 1
   done
   echo "queue did not finish" >&2; return 1

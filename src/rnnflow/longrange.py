@@ -33,11 +33,12 @@ def dvc(*args: str) -> str:
 
 
 def wait_for_queue(timeout: float = 4 * 3600, poll: float = 10) -> None:
-    """Until no queued experiment is queued or running; an error if any failed."""
+    """Until nothing is queued and no worker is active (a task killed long ago can stay
+    listed as Running; the workers are what run)."""
     deadline = time.monotonic() + timeout
     while True:
         status = dvc("queue", "status")
-        if not any(word in status for word in ("Queued", "Running")):
+        if "Queued" not in status and "0 active" in status:
             break
         if time.monotonic() > deadline:
             raise RnnflowError(f"the DVC queue is still busy after {timeout:.0f} s")
@@ -59,9 +60,11 @@ def collect(exp_show: list[dict]) -> list[dict]:
     rows = []
     for baseline in exp_show:
         for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state", "success") != "success":
+                continue  # queued, running or failed: its metrics are still the baseline's
             for rev in exp.get("revs") or []:
                 data = rev.get("data") or {}
-                params = _leaf(data, "params", "params.yaml", "data") or {}
+                params = _leaf(data, "params", "params.yaml", "data", "data") or {}
                 if params.get("source") != "longrange":
                     continue
                 metrics = data.get("metrics") or {}

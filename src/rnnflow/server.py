@@ -217,11 +217,7 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return answers(f"{self.uri}/health")
 
     def start(self, timeout: float = 180) -> int:
         """Start in the background (own process group) and wait until /health answers."""
@@ -249,11 +245,7 @@ class ScoringServer:
         return f"http://127.0.0.1:{self.port}"
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return answers(f"{self.url}/ping")
 
     def start(self, timeout: float = 120) -> int:
         cmd = [
@@ -264,6 +256,15 @@ class ScoringServer:
         return start_background(
             "mlflow models serve", cmd, self.port, self.healthy, self.log, timeout, env
         )
+
+
+def answers(url: str) -> bool:
+    """Whether a GET of `url` answers 200 within 2 s."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def start_background(
