@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -193,3 +194,30 @@ def test_one_torch_thread_per_worker_in_a_queued_experiment(tmp_path, monkeypatc
     assert threads() == 1  # a temporary copy: workers run side by side
     monkeypatch.setenv("RNNFLOW_THREADS", "3")
     assert threads() == 3
+
+
+def test_postgres_folder_check_sees_ancestors_a_relative_path_hides(tmp_path, monkeypatch):
+    """As root, PostgreSQL runs as `postgres`; a folder under a 0700 ancestor is out of its
+    reach even when we name it relative to a working directory inside that ancestor."""
+    import pwd
+
+    from rnnflow.server import PG_USER, Postgres
+
+    if os.geteuid() != 0:
+        pytest.skip("only root hands PostgreSQL to another user")
+    try:
+        pwd.getpwnam(PG_USER)
+    except KeyError:
+        pytest.skip("no postgres user")
+    locked = tmp_path / "locked"
+    (locked / "project/.rnnflow/server").mkdir(parents=True)
+    locked.chmod(0o700)
+    monkeypatch.chdir(locked / "project")
+    pg = Postgres(Path(".rnnflow/server/pg"), 5999)
+    assert not pg._reachable_by_pg_user(Path(".rnnflow/server"))
+    open_dir = Path(tempfile.mkdtemp(prefix="rnnflow-open-"))
+    try:
+        open_dir.chmod(0o755)
+        assert pg._reachable_by_pg_user(open_dir)
+    finally:
+        open_dir.rmdir()

@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,11 +98,12 @@ class Postgres:
     def _reachable_by_pg_user(self, path: Path) -> bool:
         if os.geteuid() != 0:
             return True
-        probe = path if path.exists() else path.parent
-        return (
-            subprocess.run(["runuser", "-u", PG_USER, "--", "test", "-x", str(probe)]).returncode
-            == 0
-        )
+        # An absolute path: a relative one would be looked up from our working directory,
+        # which the child inherits, so the ancestors the postgres user cannot enter (e.g.
+        # /root, or pytest's 0700 temp root) would go unchecked.
+        probe = (path if path.exists() else path.parent).resolve()
+        check = ["runuser", "-u", PG_USER, "--", "test", "-x", str(probe)]
+        return subprocess.run(check).returncode == 0
 
     def init(self) -> None:
         """initdb once; later calls find PG_VERSION and keep the data."""
@@ -303,7 +305,8 @@ def start_background(
 
 
 def stop_group(pid: int, grace: float = 15) -> None:
-    """SIGTERM a process group, then SIGKILL what is left after `grace` seconds."""
+    """SIGTERM a process group, then SIGKILL what is left after `grace` seconds. A leader
+    that is our own child is reaped as it exits (a zombie would keep the group alive)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -311,11 +314,26 @@ def stop_group(pid: int, grace: float = 15) -> None:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
+            with suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:
                 return
+            if not _alive(pid):
+                return  # only zombies of other parents are left: nothing runs
             time.sleep(0.2)
+
+
+def _alive(group: int) -> bool:
+    """Whether any process of the group still runs (zombies don't)."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid"]):
+        with suppress(psutil.Error):
+            if os.getpgid(proc.pid) == group and proc.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 @dataclass
