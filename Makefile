@@ -68,7 +68,8 @@ loadtest: $(STAMP)
 # The memory-horizon sweep (README "Gradient flow and memory horizon"): one queued DVC
 # experiment per length on the synthetic longrange task, two workers, then the report.
 LONGRANGE_SET ?= -S data.source=longrange -S 'data.length=10,25,50,100' -S data.size=2000 \
-	-S 'model.variants={rnn:{},lstm:{},gru:{}}' -S model.defaults.hidden_size=64 \
+	-S '~model.variants.rnn_deep' -S '~model.variants.rnn_cell' -S '~model.variants.rnn_cell_deep' \
+	-S model.defaults.hidden_size=64 \
 	-S train.epochs=30 -S train.patience=10 -S train.lr=0.005
 longrange: $(STAMP)
 	dvc exp run --queue $(LONGRANGE_SET) evaluate gradients

@@ -366,3 +366,24 @@ def test_param_change_reruns_only_what_depends_on_it(repo_copy):
     # an experiment with word-level tokens runs the data half
     exp = _run("dvc exp run pack -S tokenize.level=word", repo_copy).stdout
     assert "Running stage 'tokenize'" in exp
+
+
+def test_gradients_stage_follows_training_not_export(repo_copy):
+    _needs_pipeline(repo_copy)
+    _run("git checkout params.yaml dvc.lock && dvc checkout -q", repo_copy)
+
+    def set_param(section: str, key: str, value) -> None:
+        params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+        params[section][key] = value
+        (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    set_param("export", "opset", 18)
+    status = json.loads(_run("dvc status --json", repo_copy).stdout)
+    assert "export@gru" in status and not any(s.startswith("gradients@") for s in status)
+
+    _run("git checkout params.yaml", repo_copy)
+    set_param("train", "lr", 0.01)
+    out = _run("dvc repro gradients@gru", repo_copy).stdout
+    assert "Running stage 'train@gru'" in out and "Running stage 'gradients@gru'" in out
+    assert "export@gru" not in out
+    _run("git checkout params.yaml dvc.lock && dvc checkout -q", repo_copy)
