@@ -34,7 +34,11 @@ def _params_with(variants) -> dict:
 
 
 def _queue_two_and_wait(repo: Path, env: dict, timeout: float = 900) -> list[str]:
-    """Queue hidden_size=16,24, run them with 2 parallel workers, return the experiment names."""
+    """Queue hidden_size=16,24, run them with 2 parallel workers, return the experiment names.
+    The stages both share run once first: two workers computing the same stage at the same
+    moment can collide writing DVC's run-cache entry (seen here: `tokenize` failed with a
+    missing .tmp file in .dvc/cache/runs)."""
+    run("dvc repro pack", repo, env)
     run("dvc exp run --queue -S 'model.defaults.hidden_size=16,24'", repo, env)
     run("dvc queue start -j 2", repo, env, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout

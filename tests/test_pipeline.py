@@ -130,26 +130,6 @@ def test_champion_is_served_by_mlflow_and_answers_bad_requests_with_4xx(repo_cop
         stop_group(pid)
 
 
-def test_bounded_load_test_reports_throughput_and_latency(repo_copy):
-    _needs_pipeline(repo_copy)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo_copy}/mlflow.db"}
-    _run_env = run(
-        f"{sys.executable} -m rnnflow.loadtest --seconds 8 --clients 8,32",
-        repo_copy,
-        env=env | {"HOME": str(repo_copy.parent / "home")},
-    )
-    assert "0 errors" in _run_env.stdout
-    report = json.loads((repo_copy / "reports/serve.json").read_text())
-    assert report["errors"] == 0 and report["requests"] > 50
-    assert [p["clients"] for p in report["phases"]] == [8, 32]
-    for phase in report["phases"]:
-        for kind in ("single", "batch"):
-            lat = phase["latency_ms"][kind]
-            assert 0 < lat["p50"] <= lat["p99"] < 30_000
-        assert phase["texts_per_second"] > phase["requests_per_second"] > 0
-    assert report["server_rss_growth_mb"] < 50  # no leak worth the name in a short run
-
-
 def test_mlflow_ui_shows_every_variant_and_its_accuracy_in_a_real_browser(repo_copy, tmp_path):
     _needs_pipeline(repo_copy)
     rows = json.loads((repo_copy / "reports/leaderboard.json").read_text())
@@ -240,11 +220,24 @@ def readme_script(text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_load_report(report: dict) -> None:
+    """`make loadtest`'s reports/serve.json: every level ran, no errors, sane latencies, no
+    memory growth worth the name in a short run."""
+    assert report["errors"] == 0 and report["requests"] > 50
+    assert [p["clients"] for p in report["phases"]] == [8, 16, 32]
+    for phase in report["phases"]:
+        for kind in ("single", "batch"):
+            lat = phase["latency_ms"][kind]
+            assert 0 < lat["p50"] <= lat["p99"] < 30_000
+        assert phase["texts_per_second"] > phase["requests_per_second"] > 0
+    assert report["server_rss_growth_mb"] < 50
+
+
 def test_every_readme_command_works_as_written(repo_copy):
     """The README from top to bottom in a fresh copy: `make run`, activating the venv, the
     DVC commands, a queued sweep, the team server with a queue, push/clone/pull, predict,
-    the Python examples, serving and the load test. The long sweep kept as a record (a text
-    block) is queued as written, counted and removed unrun."""
+    the Python examples, serving and the load test (its report checked). The long sweep kept
+    as a record (a text block) is queued as written, counted and removed unrun."""
     _needs_pipeline(repo_copy)
     venv = REPO / ".venv"
     if not (repo_copy / ".venv").exists():
@@ -254,7 +247,7 @@ def test_every_readme_command_works_as_written(repo_copy):
     home = repo_copy.parent / "home"
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if str(venv) not in p)
     env = {"MLFLOW_TRACKING_URI": None, "HOME": str(home), "PATH": path, "VIRTUAL_ENV": None}
-    env["LOADTEST_SECONDS"] = "6"  # `make loadtest` reads it; the README's default is 60
+    env["LOADTEST_SECONDS"] = "9"  # `make loadtest` reads it (3 s per level); README: 60
     readme = (repo_copy / "README.md").read_text()
     script = repo_copy / "readme.sh"
     script.write_text(readme_script(readme))
@@ -272,7 +265,7 @@ def test_every_readme_command_works_as_written(repo_copy):
         assert "Data and pipelines are up to date." in out
         assert out.count("Success") >= 4  # two queued sweeps of two experiments each
         assert '"predictions": [{"label": ' in out  # curl against `make serve`
-        assert json.loads((repo_copy / "reports/serve.json").read_text())["errors"] == 0
+        _check_load_report(json.loads((repo_copy / "reports/serve.json").read_text()))
         for block in readme_blocks(readme, "python"):
             py = subprocess.run(
                 [str(venv / "bin/python"), "-c", block],
@@ -332,8 +325,10 @@ def test_repro_exp_run_and_temp_record_in_the_project_store(repo_copy):
     if not (repo_copy / "dvc.lock").exists():
         pytest.skip("needs the full run above")
     head = _run("git rev-parse HEAD", repo_copy).stdout.strip()
-    _run("dvc exp run -n ws-lr -S train.lr=0.01 train@gru", repo_copy)
-    _run("dvc exp run --temp -n temp-lr -S train.lr=0.005 train@gru", repo_copy)
+    # learning rates no other test uses: a configuration that ran before (e.g. in the README
+    # test's queues) is restored from DVC's run-cache, with no new run
+    _run("dvc exp run -n ws-lr -S train.lr=0.0111 train@gru", repo_copy)
+    _run("dvc exp run --temp -n temp-lr -S train.lr=0.0057 train@gru", repo_copy)
     _run("git checkout params.yaml dvc.lock && dvc checkout -q", repo_copy)
     assert not list((repo_copy / ".dvc/tmp").rglob("mlflow.db")), "a store in a temp workspace"
 
@@ -346,7 +341,7 @@ def test_repro_exp_run_and_temp_record_in_the_project_store(repo_copy):
         assert run_.info.status == "FINISHED" and run_.info.run_name == f"gru@{name}"
         assert run_.data.tags["rnnflow.baseline_commit"] == head
         assert run_.data.tags["rnnflow.params_hash"] not in hashes
-        assert run_.data.params["train.lr"] in ("0.01", "0.005")
+        assert run_.data.params["train.lr"] in ("0.0111", "0.0057")
     assert not _runs(store, "attributes.status != 'FINISHED'")
 
 
@@ -382,7 +377,7 @@ def test_gradients_stage_follows_training_not_export(repo_copy):
     assert "export@gru" in status and not any(s.startswith("gradients@") for s in status)
 
     _run("git checkout params.yaml", repo_copy)
-    set_param("train", "lr", 0.01)
+    set_param("train", "lr", 0.0123)  # not run before: no run-cache restore
     out = _run("dvc repro gradients@gru", repo_copy).stdout
     assert "Running stage 'train@gru'" in out and "Running stage 'gradients@gru'" in out
     assert "export@gru" not in out

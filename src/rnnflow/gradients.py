@@ -106,7 +106,9 @@ def fixed_sequences(split: PackedSplit, count: int, seed: int) -> list[np.ndarra
     return [picked[lengths == n] for n in np.unique(lengths)]
 
 
-def flow(model: RNNClassifier, split: PackedSplit, groups: list[np.ndarray]) -> np.ndarray:
+def flow(
+    model: RNNClassifier, split: PackedSplit, groups: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean log10 ||dL/dh|| per layer and step before the end: [layers, max T] (NaN where no
     sequence is that long), and the number of sequences per step."""
     model.eval()
