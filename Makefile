@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps run test test-fast lint format bench ui server server-stop serve loadtest longrange clean
+.PHONY: install system-deps run test test-fast lint format bench bench-ddp ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ format: $(STAMP)
 bench: $(STAMP)
 	dvc repro pack
 	python -m rnnflow.bench
+
+# Training tokens/s on 1 and on BENCH_PROCESSES processes (DDP), side by side, every variant:
+# reports/bench_ddp.{json,md}
+BENCH_PROCESSES ?= 2
+bench-ddp: $(STAMP)
+	dvc repro pack
+	python -m rnnflow.scaling --processes $(BENCH_PROCESSES)
 
 # The champion raw-text model, served by MLflow's scoring server (Ctrl-C stops it):
 #   curl -d '{"inputs": ["Nakamura", "O'"'"'Brien"]}' -H 'Content-Type: application/json' \

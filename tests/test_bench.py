@@ -39,3 +39,23 @@ def test_tutorial_reference_reads_the_last_padded_step():
         padded = model(tokens, torch.tensor([3]))
         exact = model(tokens[:, :3], torch.tensor([3]))
     assert not torch.allclose(padded, exact)
+
+
+def test_ddp_bench_measures_one_and_two_processes(workspace):
+    from rnnflow import runtime, scaling
+
+    params = write_params(workspace, small_params())
+    results = scaling.measure(params, ["rnn_cell"], 2, steps=3, rounds=1, repeats=1)
+    rates = results["rnn_cell"]["tokens_per_s"]
+    assert list(rates) == [
+        "1 process",
+        f"1 process, {runtime.threads_per_rank(2)} thread(s)",
+        "2 processes",
+    ]
+    assert all(rate > 0 for rate in rates.values())
+    assert all(len(r) == 1 for r in results["rnn_cell"]["rounds"].values())
+    report = {"variants": results, "settings": {"steps": 3, "rounds": 1, "batch_size": 64}}
+    report["machine"] = {"cpu_count": 2, "device": "cpu", "torch": "x", "python": "y"}
+    table = scaling.to_markdown(report).splitlines()
+    assert table[0].startswith("| variant | 1 process | 1 process, ")
+    assert table[2].startswith("| rnn_cell |") and table[2].count("x |") == 2

@@ -79,6 +79,7 @@ class TrainParams(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     clip_norm: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)
+    processes: int = Field(1, ge=1)  # DDP ranks on this machine (see rnnflow.distributed)
 
 
 class ExportParams(_Strict):

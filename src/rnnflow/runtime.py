@@ -29,23 +29,40 @@ def setup(seed: int) -> torch.device:
 
 def threads() -> int | None:
     """torch's CPU threads: RNNFLOW_THREADS if set; 1 inside a DVC experiment's temporary copy
-    (queued or --temp), where parallel workers share the cores; else None (torch's default,
-    one per core). On 2 cores, two workers with 2 threads each trained gru at 10k tokens/s
-    each, with 1 thread each at 35k (one process alone: 44k with 2 threads, 43k with 1)."""
+    (queued or --temp), where parallel workers share the cores; the cores divided among the
+    ranks on this machine when training on several processes (LOCAL_WORLD_SIZE); else None
+    (torch's default, one per core). On 2 cores, two workers with 2 threads each trained gru
+    at 10k tokens/s each, with 1 thread each at 35k (one process alone: 44k with 2 threads,
+    43k with 1)."""
     if count := os.environ.get("RNNFLOW_THREADS"):
         return int(count)
     root = os.environ.get("DVC_ROOT")
     if os.environ.get("DVC_EXP_NAME") and root and Path(root).resolve() != Path.cwd().resolve():
         return 1
+    if (ranks := int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) > 1:
+        return threads_per_rank(ranks)
     return None
 
 
+def threads_per_rank(ranks: int) -> int:
+    """The machine's cores shared among `ranks` processes."""
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
 def device() -> torch.device:
-    """cuda when available (and not overridden by RNNFLOW_DEVICE), else cpu."""
+    """cuda when available (and not overridden by RNNFLOW_DEVICE), else cpu. A rank of a
+    multi-process run on CUDA gets the GPU of its LOCAL_RANK."""
     wanted = os.environ.get("RNNFLOW_DEVICE")
-    if wanted:
-        return torch.device(wanted)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen = torch.device(wanted or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if chosen.type == "cuda" and "LOCAL_RANK" in os.environ:
+        chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(chosen)
+    return chosen
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """A torch RNG stream of its own for rank > 0 (dropout), derived from (seed, rank)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
 def rng_state() -> dict:

@@ -1,9 +1,19 @@
-"""Stage train@VARIANT: one training loop for every variant, with early stopping and resume."""
+"""Stage train@VARIANT: one training loop for every variant, on one process or several.
+
+Read it top to bottom: one epoch (`run_epoch`), what trains (`Trainer`: model, optimizer,
+batches), the state a run carries from epoch to epoch (`TrainState`), the loop (`fit`, which
+knows nothing of files or MLflow), the one place that persists (`Ledger`), and
+`train_variant`, which puts them together. With `train.processes` N > 1, or under torchrun,
+every rank runs the same loop on its share of each batch (see rnnflow.distributed); rank 0
+alone persists.
+"""
 
 import copy
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rnnflow import checkpoint, plots, runtime, tracking
+from rnnflow import checkpoint, distributed, plots, runtime, tracking
 from rnnflow.atomic import write_json
 from rnnflow.batching import PackedSplit, make_loader
-from rnnflow.config import Params
+from rnnflow.config import Params, TrainParams
+from rnnflow.distributed import SINGLE, World
+from rnnflow.errors import RnnflowError
 from rnnflow.models import ModelConfig, RNNClassifier, count_parameters
 from rnnflow.paths import DATA_REPORTS, PACKED, TOKENIZER_DIR, metrics_file
 from rnnflow.paths import checkpoint as checkpoint_path
@@ -22,6 +34,9 @@ from rnnflow.text import file_hash, load_tokenizer
 from rnnflow.vocab import labels_path, load_labels
 
 RESUME_DIR = Path(".rnnflow/resume")
+
+
+# ---------------------------------------------------------------------------- one epoch
 
 
 @dataclass
@@ -37,36 +52,433 @@ class EpochResult:
     clipped_share: float = math.nan  # steps whose pre-clip norm exceeded clip_norm
 
 
-def run_epoch(model, loader, device, optimizer=None, clip_norm=None, desc="") -> EpochResult:
-    """One pass over `loader`; trains when an optimizer is given, else only evaluates."""
+def run_epoch(
+    model, loader, device, optimizer=None, clip_norm=None, desc="", world: World = SINGLE
+) -> EpochResult:
+    """One pass over `loader`; trains when an optimizer is given, else only evaluates.
+
+    On several ranks a training step is the step of the whole batch: each rank computes
+    its rows and scales its loss so that DDP's average of the ranks' gradients is the
+    gradient of the batch mean. Evaluation gives whole batches to ranks in turn. Per-batch
+    sums are added across ranks, then in batch order, so the result is the same however
+    many ranks compute it.
+    """
     training = optimizer is not None
     model.train(training)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    total_loss, correct, seen, tokens, norms = 0.0, 0, 0, 0, []
+    sums = np.zeros((len(loader), 4))  # per batch: loss, correct, examples, real tokens
+    norms = []
     start = time.perf_counter()
     with torch.set_grad_enabled(training):
-        for x, lengths, y in tqdm(loader, desc=desc, leave=False, disable=None):
+        for i, (x, lengths, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None)):
+            if not training and not world.owns(i):
+                continue
+            batch_size, counted = len(y), True
+            if training and world.size > 1:
+                x, lengths, y, counted = _my_rows(x, lengths, y, world)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x, lengths)  # a fresh (zero) hidden state for every batch
             loss = loss_fn(logits, y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                (loss / len(y)).backward()
+                objective = loss / (batch_size / world.size)  # = loss / len(y) on one rank
+                (objective if counted else objective * 0.0).backward()
                 norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
                 optimizer.step()
-            total_loss += float(loss.detach())
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            tokens += int(lengths.sum())
+            if counted:
+                correct = int((logits.argmax(1) == y).sum())
+                sums[i] = float(loss.detach()), correct, len(y), int(lengths.sum())
+    total_loss, correct, seen, tokens = 0.0, 0, 0, 0
+    for batch_loss, batch_correct, batch_seen, batch_tokens in world.sum(sums).tolist():
+        total_loss += batch_loss  # in batch order, as one process adds them
+        correct, seen, tokens = correct + batch_correct, seen + batch_seen, tokens + batch_tokens
     return EpochResult(
         loss=total_loss / seen,
         accuracy=correct / seen,
-        tokens=tokens,
+        tokens=int(tokens),
         seconds=time.perf_counter() - start,
         grad_norm_mean=float(np.mean(norms)) if norms else math.nan,
         grad_norm_max=float(np.max(norms)) if norms else math.nan,
         clipped_share=float(np.mean(np.array(norms) > clip_norm)) if norms else math.nan,
     )
+
+
+def _my_rows(x, lengths, y, world: World):
+    """This rank's rows of a padded batch, padded to their own longest. A batch with fewer
+    rows than ranks leaves some ranks none: they compute one row with weight zero, so they
+    still take part in the gradient average (and count nothing)."""
+    rows = world.rows(len(y))
+    counted = rows.stop > rows.start
+    if not counted:
+        rows = slice(0, 1)
+    lengths = lengths[rows]
+    return x[rows, : int(lengths.max())], lengths, y[rows], counted
+
+
+# ------------------------------------------------------------------------ what it trains
+
+
+@dataclass
+class Trainer:
+    """The model, optimizer and batches of one variant on one rank. `model` is what trains
+    (wrapped in DistributedDataParallel on several ranks); `module` is the model itself."""
+
+    variant: str
+    cfg: ModelConfig
+    module: RNNClassifier
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: object
+    val_loader: object
+    device: torch.device
+    world: World
+    settings: TrainParams
+
+    @classmethod
+    def build(cls, params: Params, variant: str, packed_dir: Path, device, world: World):
+        """Seeded model (the same on every rank), Adam, and the bucketed loaders."""
+        cfg = ModelConfig.of(
+            variant,
+            params.variant(variant),
+            load_tokenizer(TOKENIZER_DIR / "tokenizer.json").get_vocab_size(),
+            len(load_labels(labels_path())),
+        )
+        train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
+        module = RNNClassifier(cfg).to(device)
+        optimizer = torch.optim.Adam(
+            module.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay
+        )
+        batch, pool = params.pack.batch_size, params.pack.bucket_pool
+        return cls(
+            variant=variant,
+            cfg=cfg,
+            module=module,
+            model=module,
+            optimizer=optimizer,
+            train_loader=make_loader(train, batch, pool, shuffle=True, seed=params.seed),
+            val_loader=make_loader(val, batch, pool, shuffle=False, seed=0),
+            device=device,
+            world=world,
+            settings=params.train,
+        )
+
+    def start(self, state: "TrainState", seed: int) -> None:
+        """Load a resumed state, give each rank its own dropout stream, wrap for DDP."""
+        if state.model_state is not None:
+            self.module.load_state_dict(state.model_state)
+            self.optimizer.load_state_dict(state.optimizer_state)
+            runtime.set_rng_state(state.rng[self.world.rank])
+        elif self.world.rank > 0:
+            runtime.seed_rank(seed, self.world.rank)
+        if self.world.size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            cuda = self.device.type == "cuda"
+            self.model = DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if cuda else None
+            )
+
+
+# ------------------------------------------------------------------- state and the loop
+
+
+@dataclass
+class Best:
+    """The epoch with the lowest validation loss so far, with copies of its weights."""
+
+    epoch: int
+    val_loss: float
+    val_acc: float
+    model_state: dict
+    optimizer_state: dict
+
+
+@dataclass
+class TrainState:
+    """What a run carries from one epoch to the next, and all a resumed run needs."""
+
+    epoch: int = 0  # the last completed epoch
+    history: list[dict] = field(default_factory=list)  # one row per epoch, as logged
+    best: Best | None = None
+    bad_epochs: int = 0  # epochs since the best
+    seconds: float = 0.0  # training time, summed over epochs
+    tokens: int = 0  # real tokens trained on, all ranks
+    # After `epoch`: the weights and optimizer (live, persisted at once) and each rank's RNG.
+    model_state: dict | None = None
+    optimizer_state: dict | None = None
+    rng: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain containers, loadable by torch.load(weights_only=True)."""
+        return vars(self) | {"best": vars(self.best) if self.best else None}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainState":
+        fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+        if fields.get("best"):
+            fields["best"] = Best(**fields["best"])
+        return cls(**fields)
+
+
+def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
+    """Train from `state` until train.epochs, or until train.patience epochs pass without a
+    lower validation loss; after every epoch call on_epoch(state, training result)."""
+    for epoch in range(state.epoch + 1, trainer.settings.epochs + 1):
+        if state.bad_epochs >= trainer.settings.patience:
+            break
+        trainer.train_loader.batch_sampler.set_epoch(epoch)
+        tr = run_epoch(
+            trainer.model,
+            trainer.train_loader,
+            trainer.device,
+            trainer.optimizer,
+            trainer.settings.clip_norm,
+            desc=f"{trainer.variant} epoch {epoch}",
+            world=trainer.world,
+        )
+        va = run_epoch(trainer.module, trainer.val_loader, trainer.device, world=trainer.world)
+        state = _next_state(state, epoch, tr, va, trainer)
+        on_epoch(state, tr)
+    return state
+
+
+def _next_state(
+    state: TrainState, epoch: int, tr: EpochResult, va: EpochResult, trainer: Trainer
+) -> TrainState:
+    row = {
+        "epoch": epoch,
+        "train_loss": tr.loss,
+        "train_acc": tr.accuracy,
+        "val_loss": va.loss,
+        "val_acc": va.accuracy,
+        "grad_norm_mean": tr.grad_norm_mean,
+        "grad_norm_max": tr.grad_norm_max,
+        "clipped_share": tr.clipped_share,
+    }
+    weights, moments = trainer.module.state_dict(), trainer.optimizer.state_dict()
+    improved = state.best is None or va.loss < state.best.val_loss
+    return TrainState(
+        epoch=epoch,
+        history=[*state.history, row],
+        # state_dict() holds live tensors that later steps change: the best is a copy.
+        best=Best(epoch, va.loss, va.accuracy, copy.deepcopy(weights), copy.deepcopy(moments))
+        if improved
+        else state.best,
+        bad_epochs=0 if improved else state.bad_epochs + 1,
+        seconds=state.seconds + tr.seconds,
+        tokens=state.tokens + tr.tokens,
+        model_state=weights,
+        optimizer_state=moments,
+        rng=trainer.world.gather(runtime.rng_state()),
+    )
+
+
+# ------------------------------------------------------------ the one place that persists
+
+
+class Ledger:
+    """What train@VARIANT keeps, written by rank 0 alone: after every epoch the resume state
+    (atomically, under .rnnflow/resume/) and the epoch's MLflow metrics; at the end the best
+    checkpoint, the metrics, timing and history files and the run's artifacts. On the other
+    ranks it writes nothing and only receives rank 0's resume state."""
+
+    def __init__(self, params: Params, trainer: Trainer, packed_dir: Path):
+        self.params, self.trainer, self.variant = params, trainer, trainer.variant
+        self.writes = trainer.world.leader
+        self.run_params = {
+            "model": trainer.cfg.to_dict(),
+            "train": params.train.model_dump(),
+            "pack": params.pack.model_dump(),
+            "seed": params.seed,
+        }
+        self.key = {
+            "params": self.run_params,
+            "vocab_hash": file_hash(TOKENIZER_DIR / "tokenizer.json"),
+            "data": file_hash(packed_dir / "train.npz"),
+            "world_size": trainer.world.size,
+        }
+        self.resume_path = RESUME_DIR / f"{self.variant}.pt"
+        self.run = None
+
+    def resume(self) -> TrainState:
+        """The last complete epoch of an interrupted run with the same key, else a new state."""
+        saved = _saved_state(self.resume_path, self.key) if self.writes else None
+        saved = self.trainer.world.broadcast(saved)
+        if saved is None:
+            return TrainState()
+        if self.writes:
+            print(f"train@{self.variant}: resuming after epoch {saved['epoch']}")
+        return TrainState.from_dict(saved)
+
+    @contextmanager
+    def tracked(self, state: TrainState) -> Iterator[None]:
+        """The variant's MLflow run around training (FAILED if training raises)."""
+        if not self.writes:
+            yield
+            return
+        import mlflow
+
+        tracking.configure()
+        stale = tracking.fail_dead_runs(self.variant)
+        tags = _run_tags(self.params, self.variant, self.key, stale, state)
+        name = tracking.Origin.current().run_name(self.variant)
+        with tracking.stage_run("train", run_name=name, tags=tags) as self.run:
+            mlflow.log_params(
+                tracking.flatten(self.run_params)
+                | {"model.parameters": count_parameters(self.trainer.module)}
+                | {"world_size": self.trainer.world.size}
+            )
+            for past in state.history:
+                mlflow.log_metrics({k: v for k, v in past.items() if k != "epoch"}, past["epoch"])
+            yield
+
+    def epoch_done(self, state: TrainState, tr: EpochResult) -> None:
+        """Save the resume state, then log the epoch: a store failure loses no epoch."""
+        if not self.writes:
+            return
+        import mlflow
+
+        row = state.history[-1]
+        print(
+            f"train@{self.variant} epoch {state.epoch}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
+            f"acc {row['val_acc']:.3f} | {tr.tokens / tr.seconds:,.0f} tok/s"
+        )
+        checkpoint.save(self.resume_path, {"key": self.key} | state.to_dict())
+        mlflow.log_metrics(
+            {k: v for k, v in row.items() if k != "epoch"}
+            | {"tokens_per_second": tr.tokens / tr.seconds},
+            step=state.epoch,
+        )
+
+    def finish(self, state: TrainState) -> dict:
+        """Write the best checkpoint and the metrics; return them (nothing on other ranks)."""
+        if not self.writes:
+            return {}
+        import mlflow
+
+        best, trainer = state.best, self.trainer
+        checkpoint.save(
+            checkpoint_path(self.variant),
+            {
+                "model_state": best.model_state,
+                "optimizer_state": best.optimizer_state,
+                "epoch": best.epoch,
+                "model_config": trainer.cfg.to_dict(),
+                "params": self.run_params,
+                "vocab_hash": self.key["vocab_hash"],
+                "labels": load_labels(labels_path()),
+                "mlflow_run_id": self.run.info.run_id,
+            },
+        )
+        train, val = (trainer.train_loader.dataset.split, trainer.val_loader.dataset.split)
+        metrics = {
+            "best_epoch": best.epoch,
+            "best_val_loss": best.val_loss,
+            "best_val_acc": best.val_acc,
+            "epochs_run": len(state.history),
+            "majority_baseline_val_acc": majority_baseline(train, val),
+            "parameters": count_parameters(trainer.module),
+        }
+        timing = {
+            "train_seconds": state.seconds,
+            "train_tokens_per_second": state.tokens / state.seconds,
+            "train_processes": trainer.world.size,
+        }
+        write_json(metrics_file("train", self.variant), metrics)
+        write_json(metrics_file("timing", f"train_{self.variant}"), timing)
+        write_json(metrics_file("history", self.variant), state.history)
+        mlflow.log_metrics(metrics | timing)
+        _log_train_artifacts(trainer.module, state.history, self.variant)
+        return metrics | timing
+
+    def done(self) -> None:
+        """The run ended well: its resume state is no longer needed."""
+        if self.writes:
+            self.resume_path.unlink(missing_ok=True)
+
+
+def _saved_state(path: Path, key: dict) -> dict | None:
+    """The resume file's state if it belongs to a run with the same key."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        path.unlink()  # a state we cannot read is no state: start over
+        return None
+    return saved if saved.get("key") == key else None
+
+
+def _run_tags(params: Params, variant: str, key: dict, stale: list[str], state) -> dict:
+    tags = {
+        "rnnflow.variant": variant,
+        "rnnflow.commit": tracking.git_commit(),
+        "rnnflow.data_source": params.data.source,
+        "rnnflow.dataset": key["data"],
+        "rnnflow.vocab_hash": key["vocab_hash"],
+    }
+    if stale:
+        tags["rnnflow.replaces_failed_runs"] = ",".join(stale)
+    if state.epoch:
+        tags["rnnflow.resumed_from_epoch"] = str(state.epoch)
+    return tags
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
+    """Train one variant; write its best checkpoint, metrics and history; log to MLflow.
+
+    After every epoch the whole training state is saved atomically under .rnnflow/resume/;
+    a killed run started again with the same params, data and number of processes
+    continues from there (with one process, to the same metrics).
+    """
+    if params.train.processes > 1 and not distributed.launched():
+        return _launch(params, variant, packed_dir)
+    device = runtime.setup(params.seed)
+    with distributed.joined(device) as world:
+        trainer = Trainer.build(params, variant, packed_dir, device, world)
+        ledger = Ledger(params, trainer, packed_dir)
+        state = ledger.resume()
+        trainer.start(state, params.seed)
+        with ledger.tracked(state):
+            state = fit(trainer, state, on_epoch=ledger.epoch_done)
+            result = ledger.finish(state)
+        ledger.done()
+    return result
+
+
+def _launch(params: Params, variant: str, packed_dir: Path) -> dict:
+    """train.processes local ranks, each running train_variant; rank 0's result."""
+    name = f"train@{variant}"
+    gpus = torch.cuda.device_count() if runtime.device().type == "cuda" else 0
+    if gpus and params.train.processes > gpus:
+        raise RnnflowError(
+            f"params.yaml: train.processes: {params.train.processes} processes need as many "
+            f"GPUs, this machine has {gpus} (or set RNNFLOW_DEVICE=cpu)"
+        )
+    try:
+        return distributed.launch(
+            params.train.processes, train_variant, params, variant, packed_dir, name=name
+        )
+    except RnnflowError as err:
+        resume = RESUME_DIR / f"{variant}.pt"
+        epoch = _completed_epoch(resume)
+        hint = (
+            f"the run is kept after epoch {epoch} ({resume}): rerun to resume from there"
+            if epoch
+            else "no epoch was completed: a rerun starts over"
+        )
+        raise RnnflowError(f"{err}; the other ranks were stopped; {hint}") from None
+
+
+def _completed_epoch(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return None
 
 
 def majority_baseline(train: PackedSplit, val: PackedSplit) -> float:
@@ -89,190 +501,6 @@ def plot_history(history: list[dict], variant: str, path: Path) -> None:
     ax2.legend()
     fig.tight_layout()
     plots.save(fig, path)
-
-
-def _resume_state(path: Path, key: dict) -> dict | None:
-    """The last complete epoch of an interrupted run with the same key, if there is one."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        path.unlink()  # a state we cannot read is no state: start over
-        return None
-    return state if state.get("key") == key else None
-
-
-def _run_tags(params: Params, variant: str, key: dict, stale: list[str], resumed) -> dict:
-    tags = {
-        "rnnflow.variant": variant,
-        "rnnflow.commit": tracking.git_commit(),
-        "rnnflow.data_source": params.data.source,
-        "rnnflow.dataset": key["data"],
-        "rnnflow.vocab_hash": key["vocab_hash"],
-    }
-    if stale:
-        tags["rnnflow.replaces_failed_runs"] = ",".join(stale)
-    if resumed:
-        tags["rnnflow.resumed_from_epoch"] = str(resumed["epoch"])
-    return tags
-
-
-def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
-    """Train one variant; write its best checkpoint, metrics and history; log to MLflow.
-
-    After every epoch the whole training state (weights, optimizer, RNG, history, best
-    weights so far) is saved atomically under .rnnflow/resume/; a killed run started again
-    with the same params and data continues from there and ends with the same metrics.
-    """
-    device = runtime.setup(params.seed)
-    classes = load_labels(labels_path())
-    tokenizer_file = TOKENIZER_DIR / "tokenizer.json"
-    cfg = ModelConfig.of(
-        variant,
-        params.variant(variant),
-        load_tokenizer(tokenizer_file).get_vocab_size(),
-        len(classes),
-    )
-    train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
-    model = RNNClassifier(cfg).to(device)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay
-    )
-    batch, pool = params.pack.batch_size, params.pack.bucket_pool
-    train_loader = make_loader(train, batch, pool, shuffle=True, seed=params.seed)
-    val_loader = make_loader(val, batch, pool, shuffle=False, seed=0)
-
-    run_params = {
-        "model": cfg.to_dict(),
-        "train": params.train.model_dump(),
-        "pack": params.pack.model_dump(),
-        "seed": params.seed,
-    }
-    key = {
-        "params": run_params,
-        "vocab_hash": file_hash(tokenizer_file),
-        "data": file_hash(packed_dir / "train.npz"),
-    }
-    resume_path = RESUME_DIR / f"{variant}.pt"
-    resumed = _resume_state(resume_path, key)
-    state = resumed or {
-        "epoch": 0,
-        "history": [],
-        "best": None,
-        "bad_epochs": 0,
-        "seconds": 0.0,
-        "tokens": 0,
-    }
-    if resumed:
-        model.load_state_dict(resumed["model_state"])
-        optimizer.load_state_dict(resumed["optimizer_state"])
-        runtime.set_rng_state(resumed["rng"])
-        print(f"train@{variant}: resuming after epoch {resumed['epoch']}")
-
-    tracking.configure()
-    tags = _run_tags(params, variant, key, tracking.fail_dead_runs(variant), resumed)
-    name = tracking.Origin.current().run_name(variant)
-    with tracking.stage_run("train", run_name=name, tags=tags) as run:
-        import mlflow
-
-        mlflow.log_params(
-            tracking.flatten(run_params) | {"model.parameters": count_parameters(model)}
-        )
-        for past in state["history"]:
-            mlflow.log_metrics({k: v for k, v in past.items() if k != "epoch"}, step=past["epoch"])
-        for epoch in range(state["epoch"] + 1, params.train.epochs + 1):
-            if state["bad_epochs"] >= params.train.patience:
-                break
-            train_loader.batch_sampler.set_epoch(epoch)
-            tr = run_epoch(
-                model,
-                train_loader,
-                device,
-                optimizer,
-                params.train.clip_norm,
-                desc=f"{variant} epoch {epoch}",
-            )
-            va = run_epoch(model, val_loader, device)
-            row = {
-                "epoch": epoch,
-                "train_loss": tr.loss,
-                "train_acc": tr.accuracy,
-                "val_loss": va.loss,
-                "val_acc": va.accuracy,
-                "grad_norm_mean": tr.grad_norm_mean,
-                "grad_norm_max": tr.grad_norm_max,
-                "clipped_share": tr.clipped_share,
-            }
-            print(
-                f"train@{variant} epoch {epoch}: train loss {tr.loss:.4f} "
-                f"acc {tr.accuracy:.3f} | val loss {va.loss:.4f} acc {va.accuracy:.3f} | "
-                f"{tr.tokens / tr.seconds:,.0f} tok/s"
-            )
-            improved = state["best"] is None or va.loss < state["best"]["val_loss"]
-            state = {
-                "key": key,
-                "epoch": epoch,
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "rng": runtime.rng_state(),
-                "history": [*state["history"], row],
-                # state_dict() holds live tensors that later steps change: copy the best.
-                "best": copy.deepcopy(
-                    {
-                        "epoch": epoch,
-                        "val_loss": va.loss,
-                        "val_acc": va.accuracy,
-                        "model_state": model.state_dict(),
-                        "optimizer_state": optimizer.state_dict(),
-                    }
-                )
-                if improved
-                else state["best"],
-                "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
-                "seconds": state["seconds"] + tr.seconds,
-                "tokens": state["tokens"] + tr.tokens,
-            }
-            checkpoint.save(resume_path, state)  # saved before logging: a store failure
-            mlflow.log_metrics(  # below loses no epoch, the rerun resumes after this one
-                {k: v for k, v in row.items() if k != "epoch"}
-                | {"tokens_per_second": tr.tokens / tr.seconds},
-                step=epoch,
-            )
-
-        best, history = state["best"], state["history"]
-        checkpoint.save(
-            checkpoint_path(variant),
-            {
-                "model_state": best["model_state"],
-                "optimizer_state": best["optimizer_state"],
-                "epoch": best["epoch"],
-                "model_config": cfg.to_dict(),
-                "params": run_params,
-                "vocab_hash": key["vocab_hash"],
-                "labels": classes,
-                "mlflow_run_id": run.info.run_id,
-            },
-        )
-        metrics = {
-            "best_epoch": best["epoch"],
-            "best_val_loss": best["val_loss"],
-            "best_val_acc": best["val_acc"],
-            "epochs_run": len(history),
-            "majority_baseline_val_acc": majority_baseline(train, val),
-            "parameters": count_parameters(model),
-        }
-        timing = {
-            "train_seconds": state["seconds"],
-            "train_tokens_per_second": state["tokens"] / state["seconds"],
-        }
-        write_json(metrics_file("train", variant), metrics)
-        write_json(metrics_file("timing", f"train_{variant}"), timing)
-        write_json(metrics_file("history", variant), history)
-        mlflow.log_metrics(metrics | timing)
-        _log_train_artifacts(model, history, variant)
-    resume_path.unlink(missing_ok=True)
-    return metrics | timing
 
 
 def _log_train_artifacts(model: RNNClassifier, history: list[dict], variant: str) -> None:
