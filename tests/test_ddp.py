@@ -287,3 +287,26 @@ def test_two_machines_joined_by_torchrun_only_rank_0_writes(data_workspace, tmp_
     timing = json.loads((nodes[0] / "metrics/timing/train_rnn_cell_deep.json").read_text())
     assert timing["train_processes"] == 2
     assert (nodes[0] / "models/rnn_cell_deep/checkpoint.pt").exists()
+
+
+def _wait_in_group():
+    with distributed.joined(torch.device("cpu")):
+        time.sleep(300)
+
+
+@pytest.mark.slow
+def test_ranks_end_with_their_launcher():
+    """kill -9 of the launching process (the stage) leaves no rank running on."""
+    code = "from rnnflow import distributed; from tests.test_ddp import _wait_in_group as f; "
+    code += "distributed.launch(2, f, name='t')"
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while len(ranks := _ranks(launcher)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(ranks) == 2
+    launcher.kill()
+    launcher.wait()
+    gone_by = time.monotonic() + 10
+    while any(_alive(r) for r in ranks) and time.monotonic() < gone_by:
+        time.sleep(0.1)
+    assert not any(_alive(r) for r in ranks)

@@ -10,9 +10,11 @@ Ranks talk over gloo on the CPU and NCCL on CUDA. A `World` says who this proces
 holds the few collectives training needs; with one process they cost nothing.
 """
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -136,15 +138,19 @@ def launch(processes: int, fn: Callable[..., Any], *args: Any, name: str) -> Any
     )
     with _quiet("torch.distributed.elastic", "torch.multiprocessing"), _no_tracker_warning():
         try:
-            return elastic_launch(config, _rank_main)(fn, *args)[0]
+            return elastic_launch(config, _rank_main)(os.getpid(), fn, *args)[0]
         except ChildFailedError as err:
             raise RnnflowError(f"{name}: {describe_failure(err.failures)}") from None
 
 
-def _rank_main(fn: Callable[..., Any], *args: Any) -> Any:
-    """One rank. When another rank dies, this one's next collective fails with a lost
-    connection: that is a consequence, so it waits for the launcher to see the cause (the
-    launcher then stops it) instead of racing it to be reported first."""
+def _rank_main(launcher: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """One rank. It ends with its launcher (kill -9 of the stage leaves no rank training
+    on), and SIGTERM (how the launcher stops ranks) unwinds it like an error, so an open
+    MLflow run is marked FAILED. When another rank dies, this one's next collective fails
+    with a lost connection: a consequence, so it waits for the launcher to see the cause
+    (and stop it) instead of racing it to be reported first."""
+    _end_with(launcher)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return fn(*args)
     except Exception as err:
@@ -153,24 +159,42 @@ def _rank_main(fn: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
+def _end_with(parent: int) -> None:
+    """Linux: ask the kernel for SIGKILL when the parent process dies (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the call above
+        os._exit(1)
+
+
 def describe_failure(failures: dict[int, Any]) -> str:
-    """The root cause among failed ranks, in one line: a rank killed by a signal the
-    launcher did not send, else the first whose error is not a lost connection to a peer."""
-    rank, failure = min(
-        failures.items(),
-        key=lambda kv: (not _killed(kv[1]), _lost_peer(_message(kv[1])), kv[1].timestamp),
-    )
+    """The root cause among failed ranks, in one line: a rank killed by a signal, else the
+    first whose error is not a consequence (SIGTERM from the launcher, a lost peer)."""
+    rank, failure = min(failures.items(), key=lambda kv: _order(kv[1]))
     how = f"rank {rank} of the run (pid {failure.pid})"
-    if _killed(failure):
-        return f"{how} was killed by {signal.Signals(-failure.exitcode).name}"
+    if sig := _signal(failure):
+        return f"{how} was killed by {sig.name}"
     message = _message(failure)
     if _lost_peer(message):
         return f"{how} lost its connection to another rank, which stopped first ({message})"
     return f"{how} failed: {message}"
 
 
-def _killed(failure: Any) -> bool:
-    return failure.exitcode < 0 and -failure.exitcode != signal.SIGTERM
+def _order(failure: Any) -> tuple:
+    sig = _signal(failure)
+    consequence = sig == signal.SIGTERM or _lost_peer(_message(failure))
+    return (sig is None or sig == signal.SIGTERM, consequence, failure.timestamp)
+
+
+def _signal(failure: Any) -> signal.Signals | None:
+    """The signal that ended a rank: a negative exit code, or 128 + n from our handler."""
+    code = failure.exitcode
+    number = -code if code < 0 else code - 128 if code > 128 else 0
+    try:
+        return signal.Signals(number) if number else None
+    except ValueError:
+        return None
 
 
 def _message(failure: Any) -> str:

@@ -112,8 +112,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training batches per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default="", help="comma-separated; default: all")
+    parser.add_argument("--batch-size", type=int, help="instead of pack.batch_size")
     args = parser.parse_args()
     params = load_params()
+    if args.batch_size:
+        pack = params.pack.model_copy(update={"batch_size": args.batch_size})
+        params = params.model_copy(update={"pack": pack})
     variants = args.variants.split(",") if args.variants else list(params.model.variants)
     for variant in variants:
         params.variant(variant)
@@ -132,9 +136,10 @@ def main() -> None:
             "python": platform.python_version(),
         },
     }
-    write_json(REPORTS / "bench_ddp.json", results)
+    name = "bench_ddp" + (f"_batch{args.batch_size}" if args.batch_size else "")
+    write_json(REPORTS / f"{name}.json", results)
     markdown = to_markdown(results)
-    write_text(REPORTS / "bench_ddp.md", markdown)
+    write_text(REPORTS / f"{name}.md", markdown)
     print(markdown)
 
 
