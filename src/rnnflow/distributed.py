@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from rnnflow.errors import RnnflowError
 
-# How long a collective waits for a rank that stopped answering without dying (a dead rank
+# Seconds a collective waits for a rank that stopped answering without dying (a dead rank
 # is noticed at once: its sockets close and the launcher sees its exit). Ranks other than 0
 # wait at the next epoch's first step while rank 0 saves and logs an epoch.
-TIMEOUT = timedelta(seconds=int(os.environ.get("RNNFLOW_DIST_TIMEOUT", "600")))
+TIMEOUT_VARIABLE, TIMEOUT_SECONDS = "RNNFLOW_DIST_TIMEOUT", 600
 # Seconds the launcher gives the other ranks to stop after one failed, before SIGKILL.
 SHUTDOWN_SECONDS = 10
 
@@ -106,12 +106,24 @@ def joined(device: torch.device) -> Iterator[World]:
         return
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=_timeout())
     try:
         yield World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_VARIABLE, str(TIMEOUT_SECONDS))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
+        raise RnnflowError(f"{TIMEOUT_VARIABLE}={raw!r}: expected a number of seconds > 0")
+    return timedelta(seconds=seconds)
 
 
 def launch(processes: int, fn: Callable[..., Any], *args: Any, name: str) -> Any:
