@@ -48,8 +48,12 @@ def isolated_mlflow(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_workspace(tmp_path_factory) -> Path:
     """A directory where prepare, tokenize and pack have run on a small builtin sample."""
-    ws = tmp_path_factory.mktemp("workspace")
-    params = write_params(ws, small_params())
+    return data_stages(tmp_path_factory.mktemp("workspace"), small_params())
+
+
+def data_stages(ws: Path, raw: dict) -> Path:
+    """Write `raw` as params.yaml in `ws` and run prepare, tokenize and pack there."""
+    params = write_params(ws, raw)
     cwd = os.getcwd()
     os.chdir(ws)
     try:

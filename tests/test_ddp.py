@@ -27,12 +27,9 @@ from rnnflow.config import load_params
 from rnnflow.distributed import SINGLE, World
 from rnnflow.errors import RnnflowError
 from rnnflow.models import ModelConfig, RNNClassifier
-from rnnflow.pack import pack
-from rnnflow.prepare import prepare
 from rnnflow.train import run_epoch, train_variant
-from rnnflow.vocab import fit_vocabulary
 
-from .conftest import REPO, VARIANTS, small_params, write_params
+from .conftest import REPO, VARIANTS, data_stages, small_params, write_params
 
 CASES = {"37 rows": 37, "1 row": 1}  # an odd batch (19 + 18 rows), fewer rows than ranks
 
@@ -150,19 +147,9 @@ def test_a_failing_rank_is_one_error_naming_it():
 @pytest.fixture(scope="module")
 def builtin_workspace(tmp_path_factory) -> Path:
     """All of the builtin surnames prepared, tokenized and packed; a small gru trains on it."""
-    ws = tmp_path_factory.mktemp("builtin")
     raw = small_params(data={"max_per_class": None}, train={"epochs": 4, "lr": 0.004})
     raw["model"]["defaults"] |= {"hidden_size": 32, "dropout": 0.2}
-    params = write_params(ws, raw)
-    cwd = os.getcwd()
-    os.chdir(ws)
-    try:
-        prepare(params)
-        fit_vocabulary(params)
-        pack(params)
-    finally:
-        os.chdir(cwd)
-    return ws
+    return data_stages(tmp_path_factory.mktemp("builtin"), raw)
 
 
 def _copy(src: Path, dest: Path, processes: int) -> Path:

@@ -43,7 +43,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def leader(self) -> bool:
@@ -109,7 +108,7 @@ def joined(device: torch.device) -> Iterator[World]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=_timeout())
     try:
-        yield World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        yield World(dist.get_rank(), dist.get_world_size())
     finally:
         if created:
             dist.destroy_process_group()
