@@ -125,6 +125,9 @@ class Trainer:
 
     variant: str
     cfg: ModelConfig
+    labels: list[str]
+    train: PackedSplit
+    val: PackedSplit
     module: RNNClassifier
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -137,11 +140,12 @@ class Trainer:
     @classmethod
     def build(cls, params: Params, variant: str, packed_dir: Path, device, world: World):
         """Seeded model (the same on every rank), Adam, and the bucketed loaders."""
+        labels = load_labels(labels_path())
         cfg = ModelConfig.of(
             variant,
             params.variant(variant),
             load_tokenizer(TOKENIZER_DIR / "tokenizer.json").get_vocab_size(),
-            len(load_labels(labels_path())),
+            len(labels),
         )
         train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
         module = RNNClassifier(cfg).to(device)
@@ -152,6 +156,9 @@ class Trainer:
         return cls(
             variant=variant,
             cfg=cfg,
+            labels=labels,
+            train=train,
+            val=val,
             module=module,
             model=module,
             optimizer=optimizer,
@@ -367,17 +374,16 @@ class Ledger:
                 "model_config": trainer.cfg.to_dict(),
                 "params": self.run_params,
                 "vocab_hash": self.key["vocab_hash"],
-                "labels": load_labels(labels_path()),
+                "labels": trainer.labels,
                 "mlflow_run_id": self.run.info.run_id,
             },
         )
-        train, val = (trainer.train_loader.dataset.split, trainer.val_loader.dataset.split)
         metrics = {
             "best_epoch": best.epoch,
             "best_val_loss": best.val_loss,
             "best_val_acc": best.val_acc,
             "epochs_run": len(state.history),
-            "majority_baseline_val_acc": majority_baseline(train, val),
+            "majority_baseline_val_acc": majority_baseline(trainer.train, trainer.val),
             "parameters": count_parameters(trainer.module),
         }
         timing = {
@@ -398,8 +404,8 @@ class Ledger:
             self.resume_path.unlink(missing_ok=True)
 
 
-def _saved_state(path: Path, key: dict) -> dict | None:
-    """The resume file's state if it belongs to a run with the same key."""
+def _saved_state(path: Path, key: dict | None) -> dict | None:
+    """The resume file's state if it belongs to a run with the same key (any key: None)."""
     if not path.exists():
         return None
     try:
@@ -407,7 +413,7 @@ def _saved_state(path: Path, key: dict) -> dict | None:
     except Exception:
         path.unlink()  # a state we cannot read is no state: start over
         return None
-    return saved if saved.get("key") == key else None
+    return saved if key is None or saved.get("key") == key else None
 
 
 def _run_tags(params: Params, variant: str, key: dict, stale: list[str], state) -> dict:
@@ -465,20 +471,13 @@ def _launch(params: Params, variant: str, packed_dir: Path) -> dict:
         )
     except RnnflowError as err:
         resume = RESUME_DIR / f"{variant}.pt"
-        epoch = _completed_epoch(resume)
+        epoch = (_saved_state(resume, key=None) or {}).get("epoch")
         hint = (
             f"the run is kept after epoch {epoch} ({resume}): rerun to resume from there"
             if epoch
             else "no epoch was completed: a rerun starts over"
         )
         raise RnnflowError(f"{err}; the other ranks were stopped; {hint}") from None
-
-
-def _completed_epoch(path: Path) -> int | None:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:
-        return None
 
 
 def majority_baseline(train: PackedSplit, val: PackedSplit) -> float:
