@@ -5,13 +5,23 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps run test test-fast lint format bench bench-ddp ui server server-stop serve loadtest longrange clean
+# The installer: uv (pinned), kept outside the venv so that `uv pip sync` leaves exactly the
+# lock in it. The lock's torch==2.13.0 comes from a local wheel folder when the machine has
+# one (pip's PIP_FIND_LINKS, e.g. /opt/wheels), else from PyPI.
+UV_VERSION := 0.13.9
+UV         := $(VENV)/tools/bin/uv
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+
+.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check \
+	  --target $(VENV)/tools uv==$(UV_VERSION)
+	$(UV) pip sync --quiet --python $(PY) requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	$(PY) -m rnnflow.envcheck
 	touch $(STAMP)
 
@@ -82,6 +92,18 @@ longrange: $(STAMP)
 	dvc exp run --queue $(LONGRANGE_SET) evaluate gradients
 	dvc queue start -j 2
 	python -m rnnflow.longrange
+
+# Where a forced `dvc repro` spends its wall time, per stage: start-up, own work, tracking/IO,
+# each stage cold (its own process) and with the warm stage server: reports/profile.{json,md}
+profile: $(STAMP)
+	python -m rnnflow.timeline
+
+# The CUDA path end to end (pipeline, torchrun over NCCL, the refusal of 2 ranks on 1 GPU,
+# the training bench on GPU and CPU, bf16), every step under a timeout: reports/gpu_check.*
+# RNNFLOW_DEVICE=cpu runs it on the CPU; GPU_CHECK_ARGS=--quick: a small data sample.
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	python -m rnnflow.gpucheck $(GPU_CHECK_ARGS)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

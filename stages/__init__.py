@@ -6,7 +6,9 @@ stage re-executes itself with `.venv/bin/python`. They run the rnnflow of the ch
 belong to (`src/` beside this folder), not whatever copy the interpreter has installed: a
 queued or `--temp` DVC experiment runs in a temporary copy of the project, with the code it
 was queued with, while the editable install points at the workspace. With neither the venv
-nor the dependencies they stop with one line saying what to run.
+nor the dependencies they stop with one line saying what to run. Then they hand themselves
+to the warm stage server (rnnflow.stageserver), which has torch and MLflow imported already;
+without one they run here, cold, and start it for the stages that follow.
 """
 
 import importlib.util
@@ -46,3 +48,8 @@ if _missing:
         f"stages: {', '.join(_missing)} not importable by {sys.executable} and no project "
         f"venv at {_CHECKOUT / '.venv'}: run `make install` (it creates .venv), then rerun"
     )
+
+if "-m" in sys.orig_argv[:-1]:  # `python -m stages.X`: run it in the warm stage server
+    from rnnflow.stageserver import hand_over
+
+    hand_over(sys.orig_argv[sys.orig_argv.index("-m") + 1])

@@ -118,3 +118,35 @@ def test_training_steps_lower_the_loss_and_overfit_32_examples(variant):
     assert losses[10] < losses[0]
     accuracy = (model.eval()(tokens, lengths).argmax(1) == labels).float().mean()
     assert accuracy >= 0.95, (variant, float(accuracy), losses[-1])
+
+
+@pytest.mark.parametrize("variant", ["rnn", "rnn_deep", "lstm", "gru"])
+def test_padded_path_equals_the_packed_one_in_value_and_gradient(variant):
+    """One direction trains on padded batches (torch's fast paths) and reads each sequence's
+    last valid step: the logits and every gradient equal the packed computation's."""
+    model = make(variant, dropout=0.0).train()
+    assert not model.core.packed
+    tokens, lengths = padded([3, 11, 1, 7, 11, 2])
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    results = []
+    for packed in (False, True):
+        model.core.packed = packed
+        model.zero_grad()
+        logits = model(tokens, lengths)
+        nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-6, rtol=0)
+
+
+def test_bidirectional_models_stay_on_packed_input():
+    """The backward direction must start at each sequence's own last step: packed only."""
+    model = make("gru", bidirectional=True)
+    assert model.core.packed
+    tokens, lengths = padded([4, 2])
+    with torch.no_grad():
+        full = model(tokens, lengths)
+        model.core.packed = False  # reading a padded backward pass would be wrong
+        assert not torch.allclose(model(tokens, lengths), full, atol=1e-4)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnnflow import plots, tracking
+from rnnflow import plots, timeline, tracking
 from rnnflow.atomic import read_json, write_json, write_text
 from rnnflow.config import Params
 from rnnflow.paths import REPORTS, bundle_dir, metrics_file
@@ -127,7 +127,8 @@ def compare(params: Params) -> list[dict]:
     write_json(REPORTS / "leaderboard.json", rows)
     plot_leaderboard(rows, REPORTS / "leaderboard.png")
     plot_gradients(variants, REPORTS / "gradients.png")
-    _log_leaderboard(rows, _run_ids(variants))
+    with timeline.tracking():
+        _log_leaderboard(rows, _run_ids(variants))
     return rows
 
 
@@ -141,7 +142,8 @@ def ui_links(params: Params, base: str = "http://127.0.0.1:5000") -> list[str]:
 
     uri = tracking.configure()
     base = uri.rstrip("/") if uri.startswith("http") else base
-    experiment_id = mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    with timeline.tracking():
+        experiment_id = mlflow.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
     run_ids = [r for r in _run_ids(list(params.model.variants)).values() if r]
     return [
         f"MLflow runs table: {tracking.runs_url(base, experiment_id)}",

@@ -80,6 +80,8 @@ class TrainParams(_Strict):
     clip_norm: float = Field(1.0, gt=0)
     patience: int = Field(3, ge=1)
     processes: int = Field(1, ge=1)  # DDP ranks on this machine (see rnnflow.distributed)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward on CUDA
+    cuda_graphs: bool = True  # CUDA, one process: replay training steps as CUDA graphs
 
 
 class ExportParams(_Strict):

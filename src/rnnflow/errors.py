@@ -16,7 +16,11 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
 
 
 def run_cli(main: Callable[[], None], name: str) -> None:
-    """Run a CLI entry point: an RnnflowError becomes one line on stderr and exit code 2."""
+    """Run a CLI entry point: an RnnflowError becomes one line on stderr and exit code 2.
+    The run is one entry of the pipeline's timeline (rnnflow.timeline) when one is recorded."""
+    from rnnflow import timeline
+
+    timeline.begin(name)
     try:
         main()
     except RnnflowError as err:
@@ -27,3 +31,5 @@ def run_cli(main: Callable[[], None], name: str) -> None:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        timeline.end()

@@ -14,6 +14,7 @@ runs with its MLAS GEMM, faster than eager at batch 1 and 64 and closer to PyTor
 to pack.max_len.
 """
 
+import copy
 import shutil
 import warnings
 from pathlib import Path
@@ -23,11 +24,11 @@ import onnx
 import torch
 from torch import nn
 
-from rnnflow import checkpoint, tracking
+from rnnflow import checkpoint, timeline, tracking
 from rnnflow.atomic import atomic_path, read_json, write_json
 from rnnflow.config import Params
 from rnnflow.errors import RnnflowError
-from rnnflow.models import CellLoopCore, RNNClassifier
+from rnnflow.models import CellLoopCore, RNNClassifier, TorchRNNCore
 from rnnflow.paths import TOKENIZER_DIR, bundle_dir, confusion_plot, metrics_file
 from rnnflow.paths import checkpoint as checkpoint_path
 from rnnflow.text import file_hash
@@ -106,21 +107,24 @@ class LoopRNNCore(nn.Module):
 
 
 def exportable(model: RNNClassifier) -> RNNClassifier:
-    """The model to hand the exporter: LSTM/GRU and bidirectional RNNs as they are (ONNX
-    LSTM/GRU/RNN ops), unidirectional plain RNNs and cell loops on LoopRNNCore."""
+    """The model to hand the exporter: LSTM/GRU and bidirectional RNNs on packed input (ONNX
+    LSTM/GRU/RNN ops with sequence_lens: onnxruntime skips the padded steps), unidirectional
+    plain RNNs and cell loops on LoopRNNCore."""
     core = model.core
+    if isinstance(core, TorchRNNCore) and (core.packed or not isinstance(core.rnn, nn.RNN)):
+        twin = copy.deepcopy(model)
+        twin.core.packed = True
+        return twin
     if isinstance(core, CellLoopCore):
         cells = core.cells
         layers = [(c.weight_ih, c.weight_hh, c.bias_ih + c.bias_hh) for c in cells]
-    elif isinstance(core.rnn, nn.RNN) and not core.rnn.bidirectional:
+    else:
         rnn = core.rnn
         layers = [
             tuple(getattr(rnn, f"{name}_l{i}") for name in ("weight_ih", "weight_hh"))
             + (getattr(rnn, f"bias_ih_l{i}") + getattr(rnn, f"bias_hh_l{i}"),)
             for i in range(rnn.num_layers)
         ]
-    else:
-        return model
     twin = RNNClassifier(model.cfg)
     twin.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.startswith("core.")}, strict=False
@@ -185,7 +189,8 @@ def export_bundle(params: Params, variant: str) -> dict:
         "torch_version": torch.__version__,
     }
     write_json(out / "bundle.json", bundle)
-    with tracking.variant_run("export", variant, payload.get("mlflow_run_id")):
+    run_id = payload.get("mlflow_run_id")
+    with tracking.variant_run("export", variant, run_id), timeline.tracking():
         _log_evaluation(variant, evaluation)
         _log_onnx_model(out, len(payload["labels"]))
         version = _log_text_model(out, variant, bundle["metrics"])

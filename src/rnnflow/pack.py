@@ -10,37 +10,48 @@ from rnnflow.batching import BucketBatchSampler, padding_stats
 from rnnflow.config import Params
 from rnnflow.paths import DATA_REPORTS, PACKED, SPLITS, TOKENIZER_DIR, split_file
 from rnnflow.prepare import read_split
-from rnnflow.text import UNK_ID, encode, load_tokenizer, pad_batch
+from rnnflow.text import UNK_ID, encode, load_tokenizer
 from rnnflow.vocab import labels_path, load_labels
+
+CHUNK = 10_000  # texts encoded at a time: memory stays flat however large the split
 
 
 def numericalize(
     texts: list[str], labels: list[str], tok, classes: list[str], max_len: int
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Arrays for one split and its stats; texts that give no token are dropped and counted."""
+    """Arrays for one split and its stats; texts that give no token are dropped and counted.
+    Texts are encoded CHUNK at a time into one preallocated array, so no stage holds a
+    Python object per token of the whole split."""
     index = {name: i for i, name in enumerate(classes)}
-    ids = encode(tok, texts, max_len + 1)  # one extra token tells us what truncation cut
-    keep = [i for i, seq in enumerate(ids) if seq and labels[i] in index]
-    truncated = sum(len(ids[i]) > max_len for i in keep)
-    seqs = [ids[i][:max_len] for i in keep]
-    tokens, lengths = pad_batch(seqs)
+    tokens = np.zeros((len(texts), max_len), dtype=np.int32)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    label_ids = np.array([index.get(label, -1) for label in labels], dtype=np.int64)
+    truncated = np.zeros(len(texts), dtype=bool)
+    for start in range(0, len(texts), CHUNK):
+        ids = encode(tok, texts[start : start + CHUNK], max_len + 1)  # +1: was it cut?
+        for row, seq in enumerate(ids, start):
+            n = min(len(seq), max_len)
+            tokens[row, :n] = seq[:n]
+            lengths[row], truncated[row] = n, len(seq) > max_len
+    empty, unknown = lengths == 0, label_ids < 0
+    keep = ~empty & ~unknown
+    kept_lengths = lengths[keep]
+    width = max(1, int(kept_lengths.max(initial=0)))
     arrays = {
-        "tokens": tokens.astype(np.int32),
-        "lengths": lengths,
-        "labels": np.array([index[labels[i]] for i in keep], dtype=np.int64),
+        "tokens": np.ascontiguousarray(tokens[keep, :width]),
+        "lengths": kept_lengths,
+        "labels": label_ids[keep],
     }
-    n_tokens = int(lengths.sum())
+    n_tokens = int(kept_lengths.sum())
     stats = {
-        "sequences": len(seqs),
-        "dropped_empty": sum(1 for seq in ids if not seq),
-        "dropped_unknown_label": sum(
-            1 for i, seq in enumerate(ids) if seq and labels[i] not in index
-        ),
-        "truncated": truncated,
+        "sequences": int(keep.sum()),
+        "dropped_empty": int(empty.sum()),
+        "dropped_unknown_label": int((~empty & unknown).sum()),
+        "truncated": int(truncated[keep].sum()),
         "tokens": n_tokens,
-        "mean_length": float(lengths.mean()) if len(seqs) else 0.0,
-        "max_length": int(lengths.max(initial=0)),
-        "unk_rate": float((tokens == UNK_ID).sum() / max(1, n_tokens)),
+        "mean_length": float(kept_lengths.mean()) if keep.any() else 0.0,
+        "max_length": int(kept_lengths.max(initial=0)),
+        "unk_rate": float((arrays["tokens"] == UNK_ID).sum() / max(1, n_tokens)),
     }
     return arrays, stats
 

@@ -3,6 +3,7 @@
 import argparse
 from collections.abc import Callable
 
+from rnnflow import timeline
 from rnnflow.config import Params, load_params
 from rnnflow.errors import run_cli
 
@@ -15,6 +16,7 @@ def variant_stage(name: str, run: Callable[[Params, str], dict], description: st
         parser.add_argument("variant", help="a name listed under model.variants in params.yaml")
         parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
         args = parser.parse_args()
+        timeline.rename(f"{name}@{args.variant}")
         params = load_params()
         params.variant(args.variant)  # an unknown variant fails here, before any work
         result = run(params, args.variant)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rnnflow import timeline
 from rnnflow.errors import RnnflowError
 from rnnflow.paths import PARAMS
 
@@ -105,6 +106,11 @@ def configure() -> str:
     An unreachable server is an error within seconds, not a silent fallback: runs would
     otherwise land somewhere the team does not look.
     """
+    with timeline.tracking():
+        return _configure()
+
+
+def _configure() -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     import mlflow
@@ -277,13 +283,15 @@ def stage_run(stage: str, run_id: str | None = None, **start: Any) -> Iterator[A
     fails inside the block, the stage ends with one line naming the store; what the stage
     saved before (checkpoints, resume state) stays, so a rerun continues from there.
     """
-    import mlflow
+    with timeline.tracking():
+        import mlflow
 
-    uri = configure()
-    tags = Origin.current().tags() | owner_tags() | {f"rnnflow.stage.{stage}": "started"}
-    run = mlflow.start_run(run_id=run_id, **start)
+        uri = configure()
+        tags = Origin.current().tags() | owner_tags() | {f"rnnflow.stage.{stage}": "started"}
+        run = mlflow.start_run(run_id=run_id, **start)
     try:
-        mlflow.set_tags(tags)
+        with timeline.tracking():
+            mlflow.set_tags(tags)
         yield run
     except BaseException as err:
         _end_failed(f"{stage}: {_first_line(err)}")
@@ -294,10 +302,11 @@ def stage_run(stage: str, run_id: str | None = None, **start: Any) -> Iterator[A
                 "when the store is back (training resumes from its last completed epoch)"
             ) from err
         raise
-    mlflow.set_tag(f"rnnflow.stage.{stage}", "done")
-    if "rnnflow.failure" in run.data.tags:  # an earlier attempt failed; this one did not
-        mlflow.MlflowClient().delete_tag(run.info.run_id, "rnnflow.failure")
-    mlflow.end_run(status="FINISHED")
+    with timeline.tracking():
+        mlflow.set_tag(f"rnnflow.stage.{stage}", "done")
+        if "rnnflow.failure" in run.data.tags:  # an earlier attempt failed; this one did not
+            mlflow.MlflowClient().delete_tag(run.info.run_id, "rnnflow.failure")
+        mlflow.end_run(status="FINISHED")
 
 
 def _end_failed(reason: str) -> None:
@@ -328,7 +337,9 @@ def variant_run(stage: str, variant: str, run_id: str | None):
     """Reopen the variant's training run for a later stage; if this tracking store does not
     know it (e.g. the checkpoint came from another store), start a new run for the variant."""
     configure()
-    if run_exists(run_id):
+    with timeline.tracking():
+        known = run_exists(run_id)
+    if known:
         return stage_run(stage, run_id=run_id)
     name = Origin.current().run_name(variant)
     return stage_run(stage, run_name=name, tags={"rnnflow.variant": variant})

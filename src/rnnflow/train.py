@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rnnflow import checkpoint, distributed, plots, runtime, tracking
+from rnnflow import checkpoint, distributed, graphs, plots, runtime, timeline, tracking
 from rnnflow.atomic import write_json
 from rnnflow.batching import PackedSplit, make_loader
 from rnnflow.config import Params, TrainParams
@@ -53,9 +53,18 @@ class EpochResult:
 
 
 def run_epoch(
-    model, loader, device, optimizer=None, clip_norm=None, desc="", world: World = SINGLE
+    model,
+    loader,
+    device,
+    optimizer=None,
+    clip_norm=None,
+    desc="",
+    world: World = SINGLE,
+    precision: str = "fp32",
 ) -> EpochResult:
     """One pass over `loader`; trains when an optimizer is given, else only evaluates.
+    precision bf16 (CUDA) computes the forward pass under bf16 autocast; the weights, their
+    gradients and Adam's moments stay fp32, and so does everything exported.
 
     On several ranks a training step is the step of the whole batch: each rank computes
     its rows and scales its loss so that DDP's average of the ranks' gradients is the
@@ -66,7 +75,10 @@ def run_epoch(
     training = optimizer is not None
     model.train(training)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    sums = np.zeros((len(loader), 4))  # per batch: loss, correct, examples, real tokens
+    # Per batch: loss and correct answers stay on the device until the epoch ends (no step
+    # waits for the GPU); examples and real tokens are known on the host.
+    on_device = torch.zeros((len(loader), 2), dtype=torch.float64, device=device)
+    on_host = np.zeros((len(loader), 2))
     norms = []
     start = time.perf_counter()
     with torch.set_grad_enabled(training):
@@ -76,18 +88,25 @@ def run_epoch(
             batch_size, counted = len(y), True
             if training and world.size > 1:
                 x, lengths, y, counted = _my_rows(x, lengths, y, world)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x, lengths)  # a fresh (zero) hidden state for every batch
-            loss = loss_fn(logits, y)
+            on_host[i] = len(y), int(lengths.sum())
+            x, lengths, y = (t.to(device, non_blocking=True) for t in (x, lengths, y))
+            bf16 = precision == "bf16"
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+                logits = model(x, lengths)  # a fresh (zero) hidden state for every batch
+            loss = loss_fn(logits.float(), y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 objective = loss / (batch_size / world.size)  # = loss / len(y) on one rank
                 (objective if counted else objective * 0.0).backward()
-                norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
+                norms.append(nn.utils.clip_grad_norm_(model.parameters(), clip_norm, foreach=True))
                 optimizer.step()
             if counted:
-                correct = int((logits.argmax(1) == y).sum())
-                sums[i] = float(loss.detach()), correct, len(y), int(lengths.sum())
+                on_device[i, 0] = loss.detach()
+                on_device[i, 1] = (logits.argmax(1) == y).sum()
+            else:
+                on_host[i] = 0
+    sums = np.concatenate([on_device.cpu().numpy(), on_host], axis=1)
+    norms = torch.stack(norms).cpu().numpy() if norms else np.array([])
     total_loss, correct, seen, tokens = 0.0, 0, 0, 0
     for batch_loss, batch_correct, batch_seen, batch_tokens in world.sum(sums).tolist():
         total_loss += batch_loss  # in batch order, as one process adds them
@@ -97,9 +116,9 @@ def run_epoch(
         accuracy=correct / seen,
         tokens=int(tokens),
         seconds=time.perf_counter() - start,
-        grad_norm_mean=float(np.mean(norms)) if norms else math.nan,
-        grad_norm_max=float(np.max(norms)) if norms else math.nan,
-        clipped_share=float(np.mean(np.array(norms) > clip_norm)) if norms else math.nan,
+        grad_norm_mean=float(np.mean(norms)) if len(norms) else math.nan,
+        grad_norm_max=float(np.max(norms)) if len(norms) else math.nan,
+        clipped_share=float(np.mean(norms > clip_norm)) if len(norms) else math.nan,
     )
 
 
@@ -140,6 +159,11 @@ class Trainer:
     @classmethod
     def build(cls, params: Params, variant: str, packed_dir: Path, device, world: World):
         """Seeded model (the same on every rank), Adam, and the bucketed loaders."""
+        if params.train.precision == "bf16" and device.type != "cuda":
+            raise RnnflowError(
+                f"params.yaml: train.precision: bf16 needs a CUDA device (this run is on "
+                f"{device.type}); use fp32"
+            )
         labels = load_labels(labels_path())
         cfg = ModelConfig.of(
             variant,
@@ -149,8 +173,12 @@ class Trainer:
         )
         train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
         module = RNNClassifier(cfg).to(device)
+        # fused: one kernel for all parameters instead of a dozen small ops per tensor
         optimizer = torch.optim.Adam(
-            module.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay
+            module.parameters(),
+            lr=params.train.lr,
+            weight_decay=params.train.weight_decay,
+            fused=True,
         )
         batch, pool = params.pack.batch_size, params.pack.bucket_pool
         return cls(
@@ -170,7 +198,8 @@ class Trainer:
         )
 
     def start(self, state: "TrainState", seed: int) -> None:
-        """Load a resumed state, give each rank its own dropout stream, wrap for DDP."""
+        """Load a resumed state, give each rank its own dropout stream, wrap for DDP, or
+        (one process on CUDA) for CUDA-graph replay of the training steps."""
         if state.model_state is not None:
             self.module.load_state_dict(state.model_state)
             self.optimizer.load_state_dict(state.optimizer_state)
@@ -184,6 +213,8 @@ class Trainer:
             self.model = DistributedDataParallel(
                 self.module, device_ids=[self.device.index] if cuda else None
             )
+        elif self.settings.cuda_graphs and graphs.graphable(self.module, self.device, 1):
+            self.model = graphs.GraphedSteps(self.module)
 
 
 # ------------------------------------------------------------------- state and the loop
@@ -242,6 +273,7 @@ def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
             trainer.settings.clip_norm,
             desc=f"{trainer.variant} epoch {epoch}",
             world=trainer.world,
+            precision=trainer.settings.precision,
         )
         va = run_epoch(trainer.module, trainer.val_loader, trainer.device, world=trainer.world)
         state = _next_state(state, epoch, tr, va, trainer)
@@ -325,18 +357,21 @@ class Ledger:
             return
         import mlflow
 
-        tracking.configure()
-        stale = tracking.fail_dead_runs(self.variant)
-        tags = _run_tags(self.params, self.variant, self.key, stale, state)
-        name = tracking.Origin.current().run_name(self.variant)
+        with timeline.tracking():
+            tracking.configure()
+            stale = tracking.fail_dead_runs(self.variant)
+            tags = _run_tags(self.params, self.variant, self.key, stale, state)
+            name = tracking.Origin.current().run_name(self.variant)
         with tracking.stage_run("train", run_name=name, tags=tags) as self.run:
-            mlflow.log_params(
-                tracking.flatten(self.run_params)
-                | {"model.parameters": count_parameters(self.trainer.module)}
-                | {"world_size": self.trainer.world.size}
-            )
-            for past in state.history:
-                mlflow.log_metrics({k: v for k, v in past.items() if k != "epoch"}, past["epoch"])
+            with timeline.tracking():
+                mlflow.log_params(
+                    tracking.flatten(self.run_params)
+                    | {"model.parameters": count_parameters(self.trainer.module)}
+                    | {"world_size": self.trainer.world.size}
+                )
+                for past in state.history:
+                    metrics = {k: v for k, v in past.items() if k != "epoch"}
+                    mlflow.log_metrics(metrics, past["epoch"])
             yield
 
     def epoch_done(self, state: TrainState, tr: EpochResult) -> None:
@@ -351,12 +386,13 @@ class Ledger:
             f"acc {row['train_acc']:.3f} | val loss {row['val_loss']:.4f} "
             f"acc {row['val_acc']:.3f} | {tr.tokens / tr.seconds:,.0f} tok/s"
         )
-        checkpoint.save(self.resume_path, {"key": self.key} | state.to_dict())
-        mlflow.log_metrics(
-            {k: v for k, v in row.items() if k != "epoch"}
-            | {"tokens_per_second": tr.tokens / tr.seconds},
-            step=state.epoch,
-        )
+        with timeline.tracking():
+            checkpoint.save(self.resume_path, {"key": self.key} | state.to_dict())
+            mlflow.log_metrics(
+                {k: v for k, v in row.items() if k != "epoch"}
+                | {"tokens_per_second": tr.tokens / tr.seconds},
+                step=state.epoch,
+            )
 
     def finish(self, state: TrainState) -> dict:
         """Write the best checkpoint and the metrics; return them (nothing on other ranks)."""
@@ -394,8 +430,9 @@ class Ledger:
         write_json(metrics_file("train", self.variant), metrics)
         write_json(metrics_file("timing", f"train_{self.variant}"), timing)
         write_json(metrics_file("history", self.variant), state.history)
-        mlflow.log_metrics(metrics | timing)
-        _log_train_artifacts(trainer.module, state.history, self.variant)
+        with timeline.tracking():
+            mlflow.log_metrics(metrics | timing)
+            _log_train_artifacts(trainer.module, state.history, self.variant)
         return metrics | timing
 
     def done(self) -> None:

@@ -9,6 +9,8 @@ from rnnflow.paths import TOKENIZER_DIR, split_file
 from rnnflow.prepare import read_split
 from rnnflow.text import UNK_ID, build_tokenizer
 
+CHUNK = 10_000  # texts encoded at a time
+
 
 def labels_path(tokenizer_dir: Path = TOKENIZER_DIR) -> Path:
     """labels.json: the class names in index order."""
@@ -37,14 +39,17 @@ def fit_vocabulary(params: Params, out_dir: Path = TOKENIZER_DIR, train_file: Pa
         tok.save(str(tmp))
     classes = sorted(set(labels))
     write_json(labels_path(out_dir), {"labels": classes})
-    ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-    n_tokens = sum(len(x) for x in ids)
+    n_tokens = unknown = 0
+    for start in range(0, len(texts), CHUNK):  # a chunk at a time: flat memory
+        for encoding in tok.encode_batch(texts[start : start + CHUNK], add_special_tokens=False):
+            n_tokens += len(encoding.ids)
+            unknown += encoding.ids.count(UNK_ID)
     report = {
         "level": params.token_level,
         "vocab_size": tok.get_vocab_size(),
         "classes": len(classes),
         "train_tokens": n_tokens,
-        "train_unk_rate": sum(x.count(UNK_ID) for x in ids) / max(1, n_tokens),
+        "train_unk_rate": unknown / max(1, n_tokens),
     }
     write_json(out_dir / "vocab.json", report)
     return tok, report
