@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	  --target $(VENV)/tools uv==$(UV_VERSION)
 	$(UV) pip sync --quiet --python $(PY) requirements.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
-	$(PY) -m rnnflow.envcheck
+	$(PY) -m rnnflow.tools.envcheck
 	touch $(STAMP)
 
 # Debian packages the tests need, installed when missing (we run as root): PostgreSQL for
@@ -57,14 +57,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	dvc repro pack
-	python -m rnnflow.bench
+	python -m rnnflow.tools.bench
 
 # Training tokens/s on 1 and on BENCH_PROCESSES processes (DDP), side by side, every variant:
 # reports/bench_ddp.{json,md}
 BENCH_PROCESSES ?= 2
 bench-ddp: $(STAMP)
 	dvc repro pack
-	python -m rnnflow.scaling --processes $(BENCH_PROCESSES)
+	python -m rnnflow.tools.scaling --processes $(BENCH_PROCESSES)
 
 # The champion raw-text model, served by MLflow's scoring server (Ctrl-C stops it):
 #   curl -d '{"inputs": ["Nakamura", "O'"'"'Brien"]}' -H 'Content-Type: application/json' \
@@ -80,7 +80,7 @@ serve: $(STAMP)
 LOADTEST_SECONDS ?= 60
 loadtest: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-	  python -m rnnflow.loadtest --seconds $(LOADTEST_SECONDS)
+	  python -m rnnflow.tools.loadtest --seconds $(LOADTEST_SECONDS)
 
 # The memory-horizon sweep (README "Gradient flow and memory horizon"): one queued DVC
 # experiment per length on the synthetic longrange task, two workers, then the report.
@@ -91,29 +91,29 @@ LONGRANGE_SET ?= -S data.source=longrange -S 'data.length=10,25,50,100' -S data.
 longrange: $(STAMP)
 	dvc exp run --queue $(LONGRANGE_SET) evaluate gradients
 	dvc queue start -j 2
-	python -m rnnflow.longrange
+	python -m rnnflow.analysis.longrange
 
 # Where a forced `dvc repro` spends its wall time, per stage: start-up, own work, tracking/IO,
 # each stage cold (its own process) and with the warm stage server: reports/profile.{json,md}
 profile: $(STAMP)
-	python -m rnnflow.timeline
+	python -m rnnflow.tools.profile
 
 # The CUDA path end to end (pipeline, torchrun over NCCL, the refusal of 2 ranks on 1 GPU,
 # the training bench on GPU and CPU, bf16), every step under a timeout: reports/gpu_check.*
 # RNNFLOW_DEVICE=cpu runs it on the CPU; GPU_CHECK_ARGS=--quick: a small data sample.
 GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
-	python -m rnnflow.gpucheck $(GPU_CHECK_ARGS)
+	python -m rnnflow.tools.gpucheck $(GPU_CHECK_ARGS)
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
 
 # The team tracking server: PostgreSQL + mlflow server on 127.0.0.1:5000, data in .rnnflow/server.
 server: $(STAMP) system-deps
-	python -m rnnflow.server start
+	python -m rnnflow.tracking.server start
 
 server-stop: $(STAMP)
-	python -m rnnflow.server stop
+	python -m rnnflow.tracking.server stop
 
 clean:
 	rm -rf data/prepared data/tokenizer data/packed data/reports metrics models reports \

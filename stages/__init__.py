@@ -50,6 +50,6 @@ if _missing:
     )
 
 if "-m" in sys.orig_argv[:-1]:  # `python -m stages.X`: run it in the warm stage server
-    from rnnflow.stageserver import hand_over
+    from rnnflow.runtime.stageserver import hand_over
 
     hand_over(sys.orig_argv[sys.orig_argv.index("-m") + 1])

@@ -1,8 +1,8 @@
 """DVC stage compare: all variants' metrics -> reports/leaderboard.{md,json,png}."""
 
-from rnnflow.compare import compare, to_markdown, ui_links
-from rnnflow.config import load_params
-from rnnflow.errors import run_cli
+from rnnflow.analysis.compare import compare, to_markdown, ui_links
+from rnnflow.core.config import load_params
+from rnnflow.runtime.stagecli import run_stage
 
 
 def main() -> None:
@@ -12,4 +12,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "compare")
+    run_stage(main, "compare")

@@ -1,7 +1,7 @@
 """DVC stage evaluate@VARIANT: best checkpoint + test split -> metrics/eval/VARIANT.json + plot."""
 
-from rnnflow.evaluate import evaluate_variant
-from rnnflow.stagecli import variant_stage
+from rnnflow.analysis.evaluate import evaluate_variant
+from rnnflow.runtime.stagecli import variant_stage
 
 if __name__ == "__main__":
     variant_stage("evaluate", evaluate_variant, __doc__)

@@ -1,8 +1,8 @@
 """DVC stage pack: prepared splits + tokenizer -> data/packed/*.npz + padding report."""
 
-from rnnflow.config import load_params
-from rnnflow.errors import run_cli
-from rnnflow.pack import pack
+from rnnflow.core.config import load_params
+from rnnflow.data.pack import pack
+from rnnflow.runtime.stagecli import run_stage
 
 
 def main() -> None:
@@ -15,4 +15,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "pack")
+    run_stage(main, "pack")

@@ -1,8 +1,8 @@
 """DVC stage prepare: raw labelled text -> data/prepared/{train,val,test}.jsonl + report."""
 
-from rnnflow.config import load_params
-from rnnflow.errors import run_cli
-from rnnflow.prepare import prepare
+from rnnflow.core.config import load_params
+from rnnflow.data.prepare import prepare
+from rnnflow.runtime.stagecli import run_stage
 
 
 def main() -> None:
@@ -14,4 +14,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "prepare")
+    run_stage(main, "prepare")

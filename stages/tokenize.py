@@ -1,8 +1,8 @@
 """DVC stage tokenize: vocabulary from the train split -> data/tokenizer/."""
 
-from rnnflow.config import load_params
-from rnnflow.errors import run_cli
-from rnnflow.vocab import fit_vocabulary
+from rnnflow.core.config import load_params
+from rnnflow.data.vocab import fit_vocabulary
+from rnnflow.runtime.stagecli import run_stage
 
 
 def main() -> None:
@@ -11,4 +11,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "tokenize")
+    run_stage(main, "tokenize")

@@ -1,7 +1,7 @@
 """DVC stage train@VARIANT: packed splits -> best checkpoint + training metrics."""
 
-from rnnflow.stagecli import variant_stage
-from rnnflow.train import train_variant
+from rnnflow.runtime.stagecli import variant_stage
+from rnnflow.training.train import train_variant
 
 if __name__ == "__main__":
     variant_stage("train", train_variant, __doc__)

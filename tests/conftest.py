@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rnnflow.config import Params
-from rnnflow.pack import pack
-from rnnflow.prepare import prepare
-from rnnflow.vocab import fit_vocabulary
+from rnnflow.core.config import Params
+from rnnflow.data.pack import pack
+from rnnflow.data.prepare import prepare
+from rnnflow.data.vocab import fit_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("rnn", "rnn_deep", "rnn_cell", "rnn_cell_deep", "lstm", "gru")
@@ -43,6 +43,16 @@ def isolated_mlflow(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     os.environ.setdefault("RNNFLOW_DEVICE", "cpu")
     yield store
+
+
+@pytest.fixture(autouse=True)
+def restored_import_path():
+    """sys.path as it was before each test. Loading a raw-text MLflow model puts its code
+    folder (a partial copy of the rnnflow package) first on sys.path, where the processes a
+    later test spawns (DDP ranks) would find it instead of the real package."""
+    saved = sys.path[:]
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture(scope="session")

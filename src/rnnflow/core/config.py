@@ -1,0 +1,174 @@
+"""params.yaml, validated once with one schema that every stage uses."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rnnflow.core.errors import RnnflowError
+from rnnflow.core.paths import PARAMS
+
+DataSource = Literal["builtin", "longrange", "csv", "tsv", "jsonl", "ag_news", "imdb"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Strict):
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitParams":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class DataParams(_Strict):
+    source: DataSource = "builtin"
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    split: SplitParams = SplitParams()
+    max_per_class: int | None = Field(None, ge=1)
+    length: int = Field(50, ge=2)  # longrange: tokens per text (pack.max_len follows it)
+    size: int = Field(4000, ge=40)  # longrange: texts generated
+
+    @model_validator(mode="after")
+    def _path_for_files(self) -> "DataParams":
+        if self.source in ("csv", "tsv", "jsonl") and not self.path:
+            raise ValueError(f"source '{self.source}' needs data.path (the file to read)")
+        return self
+
+
+class TokenizeParams(_Strict):
+    level: Literal["auto", "char", "word"] = "auto"
+    lowercase: bool = True
+    min_freq: int = Field(1, ge=1)
+    max_vocab: int = Field(30000, ge=3)
+
+
+class PackParams(_Strict):
+    max_len: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    bucket_pool: int = Field(50, ge=1)
+
+
+class ModelParams(_Strict):
+    embedding_dim: int = Field(64, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    nonlinearity: Literal["tanh", "relu"] = "tanh"
+    bidirectional: bool = False
+
+
+class ModelSection(_Strict):
+    defaults: ModelParams = ModelParams()
+    variants: dict[str, dict] = Field(default_factory=dict)
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    patience: int = Field(3, ge=1)
+    processes: int = Field(1, ge=1)  # DDP ranks on this machine (see rnnflow.distributed)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward on CUDA
+    cuda_graphs: bool = True  # CUDA, one process: replay training steps as CUDA graphs
+
+
+class ExportParams(_Strict):
+    opset: int = Field(17, ge=14)
+
+
+class ParityParams(_Strict):
+    atol: float = Field(1e-5, gt=0)
+    rtol: float = Field(0.0, ge=0)
+
+
+class Params(_Strict):
+    seed: int = 42
+    data: DataParams = DataParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    pack: PackParams = PackParams()
+    model: ModelSection = ModelSection()
+    train: TrainParams = TrainParams()
+    export: ExportParams = ExportParams()
+    parity: ParityParams = ParityParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_len_follows_longrange(cls, raw: object) -> object:
+        """longrange texts are exactly data.length tokens: pack.max_len is set to it, so no
+        sweep over data.length can truncate away the start that decides the class."""
+        data = raw.get("data") if isinstance(raw, dict) else None
+        if isinstance(data, dict) and data.get("source") == "longrange":
+            length = data.get("length", DataParams.model_fields["length"].default)
+            raw = raw | {"pack": (raw.get("pack") or {}) | {"max_len": length}}
+        return raw
+
+    @model_validator(mode="after")
+    def _variants_known(self) -> "Params":
+        from rnnflow.core.variants import check_variant
+
+        if not self.model.variants:
+            raise ValueError("model.variants: list at least one variant")
+        for name in self.model.variants:
+            check_variant(name, self.variant(name))
+        return self
+
+    def variant(self, name: str) -> ModelParams:
+        """The model options of one variant: shared defaults with its overrides applied."""
+        if name not in self.model.variants:
+            raise RnnflowError(
+                f"{PARAMS}: model.variants has no variant '{name}' "
+                f"(listed: {', '.join(self.model.variants)})"
+            )
+        merged = self.model.defaults.model_dump() | (self.model.variants[name] or {})
+        try:
+            return ModelParams(**merged)
+        except ValidationError as err:
+            raise RnnflowError(_describe(err, PARAMS, prefix=f"model.variants.{name}")) from err
+
+    @property
+    def token_level(self) -> Literal["char", "word"]:
+        """The tokenization level; `auto` is char for the builtin surnames and the longrange
+        characters, word otherwise."""
+        if self.tokenize.level != "auto":
+            return self.tokenize.level
+        return "char" if self.data.source in ("builtin", "longrange") else "word"
+
+
+def _describe(err: ValidationError, path: Path, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = PARAMS) -> Params:
+    """Read and validate params.yaml; any problem becomes one RnnflowError naming the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as err:
+        raise RnnflowError(f"{path}: file not found") from err
+    except yaml.YAMLError as err:
+        raise RnnflowError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise RnnflowError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise RnnflowError(_describe(err, path)) from err
+    except RnnflowError as err:
+        raise RnnflowError(str(err)) from err

@@ -1,0 +1,105 @@
+"""Stage pack: numericalize every split, and report how much padding bucketing saves."""
+
+from pathlib import Path
+
+import numpy as np
+
+from rnnflow.core import plots
+from rnnflow.core.atomic import atomic_path, write_json
+from rnnflow.core.config import Params
+from rnnflow.core.paths import DATA_REPORTS, PACKED, SPLITS, TOKENIZER_DIR, split_file
+from rnnflow.data.batching import BucketBatchSampler, padding_stats
+from rnnflow.data.prepare import read_split
+from rnnflow.data.text import UNK_ID, encode, load_tokenizer
+from rnnflow.data.vocab import labels_path, load_labels
+
+CHUNK = 10_000  # texts encoded at a time: memory stays flat however large the split
+
+
+def numericalize(
+    texts: list[str], labels: list[str], tok, classes: list[str], max_len: int
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays for one split and its stats; texts that give no token are dropped and counted.
+    Texts are encoded CHUNK at a time into one preallocated array, so no stage holds a
+    Python object per token of the whole split."""
+    index = {name: i for i, name in enumerate(classes)}
+    tokens = np.zeros((len(texts), max_len), dtype=np.int32)
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    label_ids = np.array([index.get(label, -1) for label in labels], dtype=np.int64)
+    truncated = np.zeros(len(texts), dtype=bool)
+    for start in range(0, len(texts), CHUNK):
+        ids = encode(tok, texts[start : start + CHUNK], max_len + 1)  # +1: was it cut?
+        for row, seq in enumerate(ids, start):
+            n = min(len(seq), max_len)
+            tokens[row, :n] = seq[:n]
+            lengths[row], truncated[row] = n, len(seq) > max_len
+    empty, unknown = lengths == 0, label_ids < 0
+    keep = ~empty & ~unknown
+    kept_lengths = lengths[keep]
+    width = max(1, int(kept_lengths.max(initial=0)))
+    arrays = {
+        "tokens": np.ascontiguousarray(tokens[keep, :width]),
+        "lengths": kept_lengths,
+        "labels": label_ids[keep],
+    }
+    n_tokens = int(kept_lengths.sum())
+    stats = {
+        "sequences": int(keep.sum()),
+        "dropped_empty": int(empty.sum()),
+        "dropped_unknown_label": int((~empty & unknown).sum()),
+        "truncated": int(truncated[keep].sum()),
+        "tokens": n_tokens,
+        "mean_length": float(kept_lengths.mean()) if keep.any() else 0.0,
+        "max_length": int(kept_lengths.max(initial=0)),
+        "unk_rate": float((arrays["tokens"] == UNK_ID).sum() / max(1, n_tokens)),
+    }
+    return arrays, stats
+
+
+def padding_report(lengths: np.ndarray, batch_size: int, pool: int, seed: int) -> dict:
+    """Padding of one epoch: length buckets vs. random batches vs. padding all to the longest."""
+    bucketed = list(BucketBatchSampler(lengths, batch_size, pool, shuffle=True, seed=seed))
+    perm = np.random.default_rng(seed).permutation(len(lengths))
+    random_batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
+    everything = [np.arange(len(lengths))]
+    return {
+        "bucketed": padding_stats(lengths, bucketed),
+        "random_batches": padding_stats(lengths, random_batches),
+        "global_max": padding_stats(lengths, everything),
+    }
+
+
+def plot_lengths(lengths: dict[str, np.ndarray], max_len: int, path: Path) -> None:
+    """Histogram of sequence lengths per split, with the truncation limit marked."""
+    fig, ax = plots.subplots(figsize=(7, 4))
+    top = max(int(v.max(initial=1)) for v in lengths.values())
+    bins = np.arange(1, top + 2) - 0.5 if top <= 80 else 60
+    for split, values in lengths.items():
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{split} (n={len(values)})")
+    ax.axvline(max_len + 0.5, color="k", linestyle="--", label=f"pack.max_len={max_len}")
+    ax.set(xlabel="tokens per sequence", ylabel="sequences", title="Sequence lengths")
+    ax.legend()
+    fig.tight_layout()
+    plots.save(fig, path, dpi=100)
+
+
+def pack(params: Params, out_dir: Path = PACKED, report_dir: Path = DATA_REPORTS) -> dict:
+    """Numericalize train/val/test; write .npz arrays, pack.json and the length histogram."""
+    tok = load_tokenizer(TOKENIZER_DIR / "tokenizer.json")
+    classes = load_labels(labels_path())
+    report: dict = {"max_len": params.pack.max_len, "splits": {}}
+    all_lengths = {}
+    for split in SPLITS:
+        texts, labels = read_split(split_file(split))
+        arrays, stats = numericalize(texts, labels, tok, classes, params.pack.max_len)
+        with atomic_path(out_dir / f"{split}.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        report["splits"][split] = stats
+        all_lengths[split] = arrays["lengths"]
+    report["padding_train_epoch"] = padding_report(
+        all_lengths["train"], params.pack.batch_size, params.pack.bucket_pool, params.seed
+    )
+    report["batch_size"] = params.pack.batch_size
+    write_json(report_dir / "pack.json", report)
+    plot_lengths(all_lengths, params.pack.max_len, report_dir / "pack_lengths.png")
+    return report

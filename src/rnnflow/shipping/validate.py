@@ -1,0 +1,145 @@
+"""Stage validate@VARIANT: the shipped ONNX must equal PyTorch, or the pipeline stops."""
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rnnflow.core.atomic import write_json
+from rnnflow.core.config import Params
+from rnnflow.core.errors import RnnflowError
+from rnnflow.core.paths import PACKED, bundle_dir, metrics_file
+from rnnflow.core.paths import checkpoint as checkpoint_path
+from rnnflow.data.batching import BucketBatchSampler, PackedSplit
+from rnnflow.data.text import file_hash
+from rnnflow.model import checkpoint
+from rnnflow.shipping.predict import Predictor
+from rnnflow.tracking import runs
+
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+def _shaped_batch(rng, test: PackedSplit, lengths: list[int]) -> Batch:
+    """A batch with the given lengths, filled with real test-split tokens: sequences are
+    concatenated until long enough, so edge cases test shapes on realistic input."""
+    lengths = np.array(lengths, dtype=np.int64)
+    tokens = np.zeros((len(lengths), int(lengths.max())), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        pieces, total = [], 0
+        while total < n:
+            i = rng.integers(len(test))
+            pieces.append(test.tokens[i, : test.lengths[i]])
+            total += int(test.lengths[i])
+        tokens[row, :n] = np.concatenate(pieces)[:n]
+    return tokens, lengths
+
+
+def parity_cases(test: PackedSplit, batch_size: int, max_len: int) -> Iterator:
+    """(case name, batch) pairs: the whole test split, then edge shapes."""
+    for index in BucketBatchSampler(test.lengths, batch_size, pool=50, shuffle=False):
+        tokens, lengths, _ = test.batch(index)
+        yield "test_split", (tokens.astype(np.int64), lengths)
+    rng = np.random.default_rng(0)
+    longest = int(np.argmax(test.lengths))
+    tokens, lengths, _ = test.batch(np.array([longest]))
+    yield "longest_test_sequence", (tokens.astype(np.int64), lengths)
+    yield "batch_1", _shaped_batch(rng, test, [5])
+    yield "length_1", _shaped_batch(rng, test, [1, 1, 1])
+    yield "unsorted_lengths", _shaped_batch(rng, test, [3, max_len, 1, 7, 2, max_len // 2 + 1])
+    yield (
+        "batch_larger_than_export_example",
+        _shaped_batch(rng, test, rng.integers(1, max_len + 1, size=257).tolist()),
+    )
+    yield "every_length_to_max_len", _shaped_batch(rng, test, list(range(1, max_len + 1)))
+    yield "all_max_len", _shaped_batch(rng, test, [max_len] * 4)
+
+
+def check_parity(
+    torch_fn: Callable[[Batch], np.ndarray],
+    onnx_fn: Callable[[Batch], np.ndarray],
+    cases: Iterator,
+    atol: float,
+    rtol: float = 0.0,
+) -> dict:
+    """Compare logits per case: every |delta| must be <= atol + rtol * |torch logit| (the rule
+    of torch.testing.assert_close) and every argmax must agree. Reports max/mean |delta|."""
+    per_case: dict[str, dict] = {}
+    for name, batch in cases:
+        a, b = torch_fn(batch), onnx_fn(batch)
+        if a.shape != b.shape:
+            raise RnnflowError(
+                f"parity: case {name}: shapes differ, torch {a.shape} vs onnx {b.shape}"
+            )
+        diff = np.abs(a - b)
+        case = per_case.setdefault(
+            name, {"max_abs_diff": 0.0, "max_tol_ratio": 0.0, "sum_abs": 0.0, "n": 0, "agree": 0}
+        )
+        case["max_abs_diff"] = max(case["max_abs_diff"], float(diff.max()))
+        ratio = float((diff / (atol + rtol * np.abs(a))).max())
+        case["max_tol_ratio"] = max(case["max_tol_ratio"], ratio)
+        case["sum_abs"] += float(diff.sum())
+        case["n"] += diff.size
+        case["agree"] += int((a.argmax(1) == b.argmax(1)).sum())
+        case["examples"] = case.get("examples", 0) + len(a)
+    cases_out = {
+        name: {
+            "max_abs_diff": c["max_abs_diff"],
+            "max_tolerance_used": c["max_tol_ratio"],
+            "mean_abs_diff": c["sum_abs"] / c["n"],
+            "argmax_agreement": c["agree"] / c["examples"],
+            "examples": c["examples"],
+        }
+        for name, c in per_case.items()
+    }
+    max_diff = max(c["max_abs_diff"] for c in cases_out.values())
+    agreement = min(c["argmax_agreement"] for c in cases_out.values())
+    tolerance_used = max(c["max_tolerance_used"] for c in cases_out.values())
+    return {
+        "atol": atol,
+        "rtol": rtol,
+        "max_tolerance_used": tolerance_used,
+        "max_abs_diff": max_diff,
+        "mean_abs_diff": float(np.mean([c["mean_abs_diff"] for c in cases_out.values()])),
+        "argmax_agreement": agreement,
+        "passed": bool(tolerance_used <= 1.0 and agreement == 1.0),
+        "cases": cases_out,
+    }
+
+
+def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
+    """Run the parity gate for one variant; raise (non-zero exit) if ONNX differs from torch."""
+    predictor = Predictor(bundle_dir(variant))
+    model, payload = checkpoint.load_model(
+        checkpoint_path(variant), file_hash(bundle_dir(variant) / "tokenizer.json")
+    )
+
+    @torch.no_grad()
+    def torch_fn(batch: Batch) -> np.ndarray:
+        return model(torch.from_numpy(batch[0]), torch.from_numpy(batch[1])).numpy()
+
+    def onnx_fn(batch: Batch) -> np.ndarray:
+        return predictor.logits(*batch)
+
+    test = PackedSplit.load(packed_dir / "test.npz")
+    cases = parity_cases(test, params.pack.batch_size, params.pack.max_len)
+    report = check_parity(torch_fn, onnx_fn, cases, params.parity.atol, params.parity.rtol)
+    if not report["passed"]:
+        _fail(variant, payload.get("mlflow_run_id"), report, params)
+    write_json(metrics_file("validate", variant), report)
+    return report
+
+
+def _fail(variant: str, run_id: str | None, report: dict, params: Params) -> None:
+    """Record the failed gate in the variant's run (marked FAILED) and stop the pipeline.
+    A passing gate needs no MLflow here: compare records every variant's parity numbers."""
+    worst = max(report["cases"].items(), key=lambda kv: kv[1]["max_abs_diff"])
+    message = (
+        f"{bundle_dir(variant)}/model.onnx: parity gate FAILED - max |delta logits| "
+        f"{report['max_abs_diff']:.3g} (allowed {params.parity.atol:g} + "
+        f"{params.parity.rtol:g} * |logit|), argmax agreement "
+        f"{report['argmax_agreement']:.4f}; worst case '{worst[0]}'"
+    )
+    with runs.variant_run("validate", variant, run_id) as run:
+        runs.log_parity(run.info.run_id, report)
+        raise RnnflowError(message)  # inside the run, so the run is marked FAILED

@@ -1,0 +1,151 @@
+"""Gradient flow through time (gradients@VARIANT) and the longrange memory task."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnflow.analysis.gradients import (
+    decay_per_step,
+    flow,
+    layer_weights,
+    state_gradient_norms,
+    unrolled_logits,
+)
+from rnnflow.core.config import Params
+from rnnflow.data.batching import PackedSplit
+from rnnflow.data.sources import LONGRANGE_NOISE, LONGRANGE_SIGNALS, load_longrange
+
+from ..conftest import VARIANTS, small_params
+from ..model.test_models import make, padded
+
+
+def test_longrange_is_deterministic_balanced_and_labelled_by_its_first_character():
+    table = load_longrange(length=30, size=400, seed=7)
+    assert table.texts == load_longrange(length=30, size=400, seed=7).texts
+    assert table.texts != load_longrange(length=30, size=400, seed=8).texts
+    assert len(table.texts) == 400 and all(len(t) == 30 for t in table.texts)
+    for text, label in zip(table.texts, table.labels, strict=True):
+        assert label == f"class_{text[0]}" and text[0] in LONGRANGE_SIGNALS
+        assert set(text[1:]) <= set(LONGRANGE_NOISE)
+    assert sorted(set(table.labels)) == [f"class_{s}" for s in LONGRANGE_SIGNALS]
+    assert {table.labels.count(c) for c in set(table.labels)} == {100}
+    # the noise carries no class: each noise character is about as frequent in every class
+    rows = list(zip(table.texts, table.labels, strict=True))
+    by_class = {c: [t for t, lab in rows if lab == c] for c in set(table.labels)}
+    shares = [np.mean([t[1:].count("e") / 29 for t in texts]) for texts in by_class.values()]
+    assert max(shares) - min(shares) < 0.02
+
+
+def test_longrange_params_make_pack_max_len_follow_the_length():
+    raw = small_params(data={"source": "longrange", "length": 120, "size": 200})
+    params = Params(**raw)
+    assert params.pack.max_len == 120 and params.token_level == "char"
+    assert Params(**small_params()).pack.max_len == 32  # other sources keep their own
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unrolled_model_is_the_model(variant):
+    model = make(variant, False).eval()
+    tokens, lengths = padded([9, 9, 9, 9], seed=3)
+    _, layers = layer_weights(model)
+    zeros = [[torch.zeros(4, model.cfg.hidden_size) for _ in range(9)] for _ in layers]
+    with torch.no_grad():
+        expected = model(tokens, lengths)
+        assert torch.allclose(unrolled_logits(model, tokens, zeros), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["rnn_deep", "lstm", "gru"])
+def test_state_gradients_match_finite_differences(variant):
+    """dL/dh_t from autograd equals (L(h_t + eps e_j) - L(h_t - eps e_j)) / 2 eps, in float64,
+    for every layer and step of a tiny model."""
+    model = make(variant, False).double().eval()
+    tokens, _ = padded([6, 6], seed=5)
+    labels = torch.tensor([1, 2])
+    norms = state_gradient_norms(model, tokens, labels)
+    _, layers = layer_weights(model)
+    assert norms.shape == (len(layers), 2, 6)
+    hidden, eps = model.cfg.hidden_size, 1e-6
+
+    def loss(layer, t, row, j, step):
+        deltas = [[torch.zeros(2, hidden, dtype=torch.float64) for _ in range(6)] for _ in layers]
+        deltas[layer][t][row, j] = step
+        logits = unrolled_logits(model, tokens, deltas)
+        return float(F.cross_entropy(logits, labels, reduction="sum"))
+
+    with torch.no_grad():
+        for layer in range(len(layers)):
+            for t in (0, 3, 5):
+                for row in (0, 1):
+                    grad = [
+                        (loss(layer, t, row, j, eps) - loss(layer, t, row, j, -eps)) / (2 * eps)
+                        for j in range(hidden)
+                    ]
+                    assert norms[layer, row, t] == pytest.approx(np.linalg.norm(grad), rel=1e-6)
+
+
+def test_last_step_gradient_is_the_heads_own():
+    """At the last step dL/dh is W_head^T (softmax - onehot): an independent formula."""
+    model = make("gru", False).eval()
+    tokens, lengths = padded([7, 7, 7], seed=2)
+    labels = torch.tensor([0, 3, 1])
+    norms = state_gradient_norms(model, tokens, labels)
+    with torch.no_grad():
+        p = F.softmax(model(tokens, lengths), dim=1)
+        p[torch.arange(3), labels] -= 1
+        expected = (p @ model.head.weight).norm(dim=1).numpy()
+    np.testing.assert_allclose(norms[-1, :, -1], expected, rtol=1e-5)
+
+
+def test_flow_series_has_one_value_per_step_and_a_fitted_decay():
+    model = make("rnn", False)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 16, size=200)
+    tokens = np.zeros((200, 15), dtype=np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(2, model.cfg.vocab_size, size=n)
+    split = PackedSplit(tokens, lengths.astype(np.int64), rng.integers(0, 3, size=200))
+    groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
+    mean_log10, count = flow(model, split, groups)
+    assert mean_log10.shape == (1, 15) and count.shape == (15,)
+    assert count[0] == 200 and all(np.diff(count) <= 0)  # fewer sequences reach further back
+    assert count[-1] == (lengths == 15).sum()
+    decay = decay_per_step(mean_log10[0], count)
+    assert decay is not None and 0 < decay < 1  # an untrained tanh RNN: vanishing
+    # an exact geometric series is fitted exactly
+    assert decay_per_step(np.log10(0.5) * np.arange(10), np.full(10, 50)) == pytest.approx(0.5)
+
+
+def test_longrange_report_reads_finished_longrange_experiments_only():
+    from rnnflow.analysis.longrange import collect, to_markdown
+
+    def exp(name, state, source, length, acc):
+        params = {"data": {"data": {"source": source, "length": length, "size": 400}}}
+        metrics = {
+            "metrics/eval/gru.json": {"data": {"accuracy": acc}},
+            "metrics/gradients/gru.json": {
+                "data": {"decay_per_step": 0.9, "decay_per_step_init": 0.5}
+            },
+        }
+        rev = {"name": name, "data": {"params": {"params.yaml": params}, "metrics": metrics}}
+        return {"name": name, "executor": {"state": state}, "revs": [rev]}
+
+    shown = [
+        {
+            "name": "main",
+            "experiments": [
+                exp("long", "success", "longrange", 50, 0.75),
+                exp("short", "success", "longrange", 10, 1.0),
+                exp("busy", "running", "longrange", 100, 0.77),  # metrics not its own yet
+                exp("names", "success", "builtin", 50, 0.77),
+            ],
+        },
+    ]
+    rows = collect(shown)
+    assert [(r["experiment"], r["length"]) for r in rows] == [("short", 10), ("long", 50)]
+    assert rows[1]["variants"]["gru"] == {
+        "test_accuracy": 0.75,
+        "decay_per_step": 0.9,
+        "decay_per_step_init": 0.5,
+    }
+    assert "| 50 | 0.750 (0.90) |" in to_markdown(rows)

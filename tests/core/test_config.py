@@ -1,0 +1,71 @@
+"""params.yaml validation: every bad value is one error naming the field."""
+
+import pytest
+import yaml
+
+from rnnflow.core.config import load_params
+from rnnflow.core.errors import RnnflowError
+
+from ..conftest import REPO
+
+
+def _load_with(tmp_path, mutate):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_params(path)
+
+
+def test_repository_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert list(params.model.variants) == [
+        "rnn",
+        "rnn_deep",
+        "rnn_cell",
+        "rnn_cell_deep",
+        "lstm",
+        "gru",
+    ]
+    assert params.variant("rnn_deep").num_layers == 2
+    assert params.variant("lstm").hidden_size == params.model.defaults.hidden_size
+    assert params.token_level == "char"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["train"].update(lr=0), "train.lr: Input should be greater than 0"),
+        (lambda r: r["train"].update(lr=-1e-3), "train.lr: Input should be greater than 0"),
+        (lambda r: r["model"]["defaults"].update(hidden_size=0), "model.defaults.hidden_size"),
+        (lambda r: r["data"]["split"].update(train=0.5), "must sum to 1, got 0.7"),
+        (lambda r: r["pack"].update(max_len=0), "pack.max_len: Input should be greater than"),
+        (lambda r: r["data"].update(source="s3"), "data.source: Input should be 'builtin'"),
+        (lambda r: r["data"].update(source="csv"), "source 'csv' needs data.path"),
+        (lambda r: r["model"]["variants"].update(transformer={}), "unknown variant"),
+        (lambda r: r["model"]["variants"].update(rnn={"num_layers": 2}), "num_layers must be 1"),
+        (lambda r: r["model"]["variants"].update(rnn_deep={"num_layers": 1}), "must be > 1"),
+        (lambda r: r["model"]["variants"].update(rnn_cell={"bidirectional": True}), "unidirect"),
+        (lambda r: r["train"].update(epochs="many"), "train.epochs: Input should be a valid int"),
+        (lambda r: r.update(tokenise={}), "tokenise: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_params_name_the_field(tmp_path, mutate, expected):
+    with pytest.raises(RnnflowError) as err:
+        _load_with(tmp_path, mutate)
+    assert expected in str(err.value)
+    assert str(tmp_path / "params.yaml") in str(err.value)
+
+
+def test_unknown_variant_lookup_lists_known(tmp_path):
+    params = _load_with(tmp_path, lambda r: None)
+    with pytest.raises(RnnflowError, match="has no variant 'bert'.*listed: rnn, rnn_deep"):
+        params.variant("bert")
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(RnnflowError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(RnnflowError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")

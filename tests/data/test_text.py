@@ -1,0 +1,65 @@
+"""Tokenizer and vocabulary (Hugging Face tokenizers), fitted on the train split only."""
+
+import json
+
+from rnnflow.data.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, pad_batch
+from rnnflow.data.vocab import fit_vocabulary
+
+from ..conftest import small_params, write_params
+
+
+def test_specials_and_char_round_trip():
+    tok = build_tokenizer(["Müller", "O'Brien"], "char", lowercase=True, min_freq=1, max_vocab=99)
+    assert tok.token_to_id(PAD) == PAD_ID == 0 and tok.token_to_id("<unk>") == UNK_ID
+    ids = encode(tok, ["O'Brien"], max_len=50)[0]
+    assert [tok.id_to_token(i) for i in ids] == list("o'brien")
+    assert encode(tok, ["Zz"], 50)[0] == [UNK_ID, UNK_ID]
+
+
+def test_word_level_min_freq_and_max_vocab():
+    texts = ["the cat sat", "the dog sat", "the end"]
+    tok = build_tokenizer(texts, "word", lowercase=True, min_freq=2, max_vocab=100)
+    assert set(tok.get_vocab()) == {"<pad>", "<unk>", "the", "sat"}
+    assert encode(tok, ["The cat SAT!"], 10)[0] == [
+        tok.token_to_id("the"),
+        UNK_ID,
+        tok.token_to_id("sat"),
+        UNK_ID,
+    ]
+    small = build_tokenizer(texts, "word", lowercase=True, min_freq=1, max_vocab=4)
+    assert small.get_vocab_size() == 4  # the two specials and the two most frequent words
+
+
+def test_truncation_and_huge_line():
+    tok = build_tokenizer(["abc"], "char", True, 1, 10)
+    assert [len(x) for x in encode(tok, ["a" * 10_000_000, "ab"], max_len=32)] == [32, 2]
+    wtok = build_tokenizer(["a b"], "word", True, 1, 10)
+    assert len(encode(wtok, ["a " * 5_000_000], max_len=64)[0]) == 64
+
+
+def test_pad_batch():
+    tokens, lengths = pad_batch([[5, 6, 7], [8]])
+    assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]] and lengths.tolist() == [3, 1]
+
+
+def test_vocabulary_is_fitted_on_train_only(workspace):
+    prepared = workspace / "data/prepared"
+    rows = {
+        "train": [("abba", "x"), ("cab", "y")],
+        "val": [("zzz", "x")],
+        "test": [("qqq", "y"), ("abq", "x")],
+    }
+    for split, items in rows.items():
+        lines = [json.dumps({"text": t, "label": lab}) for t, lab in items]
+        (prepared / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    tok, _ = fit_vocabulary(write_params(workspace, small_params()))
+    assert set(tok.get_vocab()) == {"<pad>", "<unk>", "a", "b", "c"}
+    assert encode(tok, ["abq"], 10)[0][-1] == UNK_ID
+
+
+def test_fit_vocabulary_writes_labels(workspace):
+    params = write_params(workspace, small_params(tokenize={"min_freq": 5}))
+    tok, report = fit_vocabulary(params)
+    labels = json.loads((workspace / "data/tokenizer/labels.json").read_text())["labels"]
+    assert labels == sorted(labels) and len(labels) == 15 == report["classes"]
+    assert report["vocab_size"] == tok.get_vocab_size() < 80

@@ -1,0 +1,152 @@
+"""Every variant: exact variable-length handling, cell loops proven equal to nn.RNN, learning."""
+
+import pytest
+import torch
+from torch import nn
+
+from rnnflow.model.network import ModelConfig, RNNClassifier, as_torch_rnn, count_parameters
+
+from ..conftest import VARIANTS
+
+LAYERS = {"rnn": 1, "rnn_deep": 2, "rnn_cell": 1, "rnn_cell_deep": 3, "lstm": 2, "gru": 1}
+
+
+def make(variant, bidirectional=False, nonlinearity="tanh", seed=0, **kw) -> RNNClassifier:
+    torch.manual_seed(seed)
+    options = (
+        dict(
+            vocab_size=30,
+            num_classes=4,
+            embedding_dim=8,
+            hidden_size=12,
+            num_layers=LAYERS[variant],
+            dropout=0.0,
+            nonlinearity=nonlinearity,
+            bidirectional=bidirectional,
+        )
+        | kw
+    )
+    return RNNClassifier(ModelConfig(variant, **options)).eval()
+
+
+def padded(lengths, seed=1, vocab=30):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(lengths)
+    tokens = torch.randint(2, vocab, (len(lengths), int(lengths.max())), generator=g)
+    return tokens * (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]), lengths
+
+
+CASES = [(v, False) for v in VARIANTS] + [
+    ("rnn", True),
+    ("rnn_deep", True),
+    ("lstm", True),
+    ("gru", True),
+]
+
+
+@pytest.mark.parametrize(("variant", "bidirectional"), CASES)
+def test_logits_same_alone_and_in_a_padded_batch(variant, bidirectional):
+    model = make(variant, bidirectional)
+    tokens, lengths = padded([3, 11, 1, 7])
+    with torch.no_grad():
+        batch = model(tokens, lengths)
+        for i, n in enumerate(lengths.tolist()):
+            alone = model(tokens[i : i + 1, :n], lengths[i : i + 1])
+            assert torch.allclose(alone, batch[i : i + 1], atol=1e-6, rtol=0), (variant, i)
+        # extra trailing padding changes nothing either
+        wider = torch.cat([tokens, torch.zeros(4, 9, dtype=tokens.dtype)], dim=1)
+        assert torch.allclose(model(wider, lengths), batch, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("cell", "twin"), [("rnn_cell", "rnn"), ("rnn_cell_deep", "rnn_deep")])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_stacked_cells_simulate_a_deep_rnn(cell, twin, nonlinearity):
+    """The tutorial's claim, proven: cells with nn.RNN's weights give nn.RNN's outputs."""
+    layers = 1 if cell == "rnn_cell" else 3
+    cells = make(cell, nonlinearity=nonlinearity, num_layers=layers)
+    rnn = make(twin, nonlinearity=nonlinearity, num_layers=layers, seed=5)
+    state = {k: v for k, v in rnn.state_dict().items() if not k.startswith("core.")}
+    for i in range(len(cells.core.cells)):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            state[f"core.cells.{i}.{name}"] = rnn.state_dict()[f"core.rnn.{name}_l{i}"]
+    cells.load_state_dict(state)
+    tokens, lengths = padded([9, 2, 14, 5, 1])
+    with torch.no_grad():
+        assert torch.allclose(cells(tokens, lengths), rnn(tokens, lengths), atol=1e-5, rtol=0)
+        assert torch.allclose(
+            as_torch_rnn(cells)(tokens, lengths), cells(tokens, lengths), atol=1e-5, rtol=0
+        )
+
+
+def test_cell_loop_matches_plain_rnncell_calls():
+    """The hoisted input projection computes exactly what calling nn.RNNCell per step does."""
+    model = make("rnn_cell_deep")
+    tokens, lengths = padded([6, 6])
+    x = model.embedding(tokens)
+    h = [torch.zeros(2, 12) for _ in model.core.cells]
+    with torch.no_grad():
+        for t in range(6):
+            inp = x[:, t]
+            for i, cell in enumerate(model.core.cells):
+                h[i] = cell(inp, h[i])
+                inp = h[i]
+        expected = model.head(h[-1])
+        assert torch.allclose(model(tokens, lengths), expected, atol=1e-6, rtol=0)
+
+
+def test_parameter_counts():
+    assert count_parameters(make("rnn")) == 30 * 8 + (8 * 12 + 12 * 12 + 24) + 12 * 4 + 4
+    assert count_parameters(make("lstm")) > count_parameters(make("gru", num_layers=2))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_steps_lower_the_loss_and_overfit_32_examples(variant):
+    model = make(variant, hidden_size=32).train()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 10, (32,), generator=g)
+    tokens = torch.randint(2, 30, (32, 9), generator=g)
+    tokens = tokens * (torch.arange(9)[None, :] < lengths[:, None])
+    labels = torch.randint(0, 4, (32,), generator=g)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(model(tokens, lengths), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[10] < losses[0]
+    accuracy = (model.eval()(tokens, lengths).argmax(1) == labels).float().mean()
+    assert accuracy >= 0.95, (variant, float(accuracy), losses[-1])
+
+
+@pytest.mark.parametrize("variant", ["rnn", "rnn_deep", "lstm", "gru"])
+def test_padded_path_equals_the_packed_one_in_value_and_gradient(variant):
+    """One direction trains on padded batches (torch's fast paths) and reads each sequence's
+    last valid step: the logits and every gradient equal the packed computation's."""
+    model = make(variant, dropout=0.0).train()
+    assert not model.core.packed
+    tokens, lengths = padded([3, 11, 1, 7, 11, 2])
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    results = []
+    for packed in (False, True):
+        model.core.packed = packed
+        model.zero_grad()
+        logits = model(tokens, lengths)
+        nn.functional.cross_entropy(logits, labels).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(ga, gb, atol=1e-6, rtol=0)
+
+
+def test_bidirectional_models_stay_on_packed_input():
+    """The backward direction must start at each sequence's own last step: packed only."""
+    model = make("gru", bidirectional=True)
+    assert model.core.packed
+    tokens, lengths = padded([4, 2])
+    with torch.no_grad():
+        full = model(tokens, lengths)
+        model.core.packed = False  # reading a padded backward pass would be wrong
+        assert not torch.allclose(model(tokens, lengths), full, atol=1e-4)

@@ -1,0 +1,125 @@
+"""Training stage: metrics, checkpoints, determinism, resume, and what MLflow records."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from rnnflow.core.config import Params
+from rnnflow.core.errors import RnnflowError
+from rnnflow.data.batching import PackedSplit, make_loader
+from rnnflow.model import checkpoint
+from rnnflow.tracking.runs import EXPERIMENT
+from rnnflow.training.train import RESUME_DIR, run_epoch, train_variant
+
+from ..conftest import small_params, write_params
+
+
+def _params(ws, **train) -> Params:
+    return write_params(ws, small_params(train={"epochs": 3, "patience": 5} | train))
+
+
+def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
+    result = train_variant(_params(workspace), "gru")
+    metrics = json.loads((workspace / "metrics/train/gru.json").read_text())
+    assert metrics["epochs_run"] == 3 and 1 <= metrics["best_epoch"] <= 3
+    assert metrics["best_val_acc"] > metrics["majority_baseline_val_acc"]
+    assert result["train_tokens_per_second"] > 0
+    history = json.loads((workspace / "metrics/history/gru.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(h["grad_norm_max"] >= h["grad_norm_mean"] > 0 for h in history)
+    assert not (workspace / RESUME_DIR / "gru.pt").exists()
+
+    payload = checkpoint.load(workspace / "models/gru/checkpoint.pt")
+    assert payload["epoch"] == metrics["best_epoch"]
+    run = mlflow.get_run(payload["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["rnnflow.variant"] == "gru"
+    assert run.data.params["model.hidden_size"] == "24"
+    assert run.data.params["train.lr"] == str(small_params()["train"]["lr"])
+    assert run.data.metrics["best_val_acc"] == pytest.approx(metrics["best_val_acc"])
+    steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in steps] == [1, 2, 3]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"model_summary.txt", "curves.png", "checkpoint", "params.yaml"} <= artifacts
+    assert mlflow.get_experiment(run.info.experiment_id).name == EXPERIMENT
+
+
+def test_checkpoint_holds_the_best_epoch_not_the_last(workspace):
+    raw = small_params(train={"epochs": 8, "patience": 8, "lr": 0.02})
+    train_variant(write_params(workspace, raw), "rnn")
+    metrics = json.loads((workspace / "metrics/train/rnn.json").read_text())
+    assert metrics["best_epoch"] < metrics["epochs_run"], "setup must overfit after the best"
+    model, payload = checkpoint.load_model(workspace / "models/rnn/checkpoint.pt")
+    val = PackedSplit.load(workspace / "data/packed/val.npz")
+    result = run_epoch(model, make_loader(val, 64, 50, False, 0), torch.device("cpu"))
+    assert payload["epoch"] == metrics["best_epoch"]
+    assert result.loss == pytest.approx(metrics["best_val_loss"], abs=1e-9)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(workspace):
+    train_variant(_params(workspace, epochs=1), "rnn_cell")
+    model, payload = checkpoint.load_model(workspace / "models/rnn_cell/checkpoint.pt")
+    again, _ = checkpoint.load_model(workspace / "models/rnn_cell/checkpoint.pt")
+    split = PackedSplit.load(workspace / "data/packed/val.npz")
+    tokens, lengths, _ = split.batch(torch.arange(20).numpy())
+    x, n = torch.from_numpy(tokens.astype("int64")), torch.from_numpy(lengths)
+    with torch.no_grad():
+        assert torch.equal(model(x, n), again(x, n))
+    assert payload["labels"] and payload["vocab_hash"]
+
+
+def test_same_params_same_metrics(workspace):
+    params = _params(workspace, epochs=2)
+    train_variant(params, "lstm")
+    first = (workspace / "metrics/train/lstm.json").read_bytes()
+    train_variant(params, "lstm")
+    assert (workspace / "metrics/train/lstm.json").read_bytes() == first
+
+
+def test_resume_after_interruption_matches_uninterrupted(workspace, monkeypatch):
+    params = _params(workspace, epochs=3)
+    train_variant(params, "rnn")
+    reference = (workspace / "metrics/train/rnn.json").read_bytes()
+
+    import rnnflow.training.train as train_module
+
+    real_epoch, calls = train_module.run_epoch, {"n": 0}
+
+    def crash_in_third_training_epoch(*args, **kwargs):
+        if kwargs.get("desc", "").endswith("epoch 3"):
+            raise KeyboardInterrupt  # what a killed process looks like from inside
+        calls["n"] += 1
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", crash_in_third_training_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_variant(params, "rnn")
+    assert (workspace / RESUME_DIR / "rnn.pt").exists()
+    monkeypatch.setattr(train_module, "run_epoch", real_epoch)
+    train_variant(params, "rnn")
+    assert (workspace / "metrics/train/rnn.json").read_bytes() == reference
+    failed = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        filter_string="tags.`rnnflow.variant` = 'rnn' and attributes.status = 'FAILED'",
+        output_format="list",
+    )
+    assert failed, "the interrupted run is marked FAILED"
+
+
+def test_checkpoint_errors(workspace):
+    bad = workspace / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RnnflowError, match="bad.pt: corrupt or truncated checkpoint"):
+        checkpoint.load(bad)
+    train_variant(_params(workspace, epochs=1), "gru")
+    good = (workspace / "models/gru/checkpoint.pt").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RnnflowError, match="corrupt or truncated"):
+        checkpoint.load(bad)
+    with pytest.raises(RnnflowError, match="trained with vocabulary .* current tokenizer is abc"):
+        checkpoint.load(workspace / "models/gru/checkpoint.pt", vocab_hash="abc")
+    with pytest.raises(RnnflowError, match="checkpoint not found"):
+        checkpoint.load(workspace / "models/none.pt")
