@@ -12,7 +12,7 @@ UV_VERSION := 0.13.9
 UV         := $(VENV)/tools/bin/uv
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
-.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check ui server server-stop serve loadtest longrange clean
+.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check docs ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
@@ -104,6 +104,10 @@ profile: $(STAMP)
 GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
 	python -m rnnflow.tools.gpucheck $(GPU_CHECK_ARGS)
+
+# The manual (docs/pages) as a site in docs/site; strict: a broken link fails the build.
+docs: $(STAMP)
+	mkdocs build --quiet -f docs/mkdocs.yml
 
 ui: $(STAMP)
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

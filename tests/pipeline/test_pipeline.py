@@ -275,11 +275,19 @@ def _check_load_report(report: dict) -> None:
     assert report["server_rss_growth_mb"] < 50
 
 
+def manual(root: Path) -> str:
+    """The README, then every page of the manual in the site's order (docs/mkdocs.yml)."""
+    nav = yaml.safe_load((root / "docs/mkdocs.yml").read_text())["nav"]
+    pages = [root / "docs/pages" / next(iter(entry.values())) for entry in nav]
+    return "\n".join(p.read_text() for p in [root / "README.md", *pages])
+
+
 def test_every_readme_command_works_as_written(repo_copy):
-    """The README from top to bottom in a fresh copy: `make run`, activating the venv, the
-    DVC commands, a queued sweep, the team server with a queue, push/clone/pull, predict,
-    the Python examples, serving and the load test (its report checked). The long sweep kept
-    as a record (a text block) is queued as written, counted and removed unrun."""
+    """The README and the manual's pages from top to bottom in a fresh copy: `make run`,
+    activating the venv, the DVC commands, a queued sweep, the team server with a queue,
+    push/clone/pull, predict, the Python examples, serving and the load test (its report
+    checked), the GPU check's CPU smoke run. The long sweep kept as a record (a text block)
+    is queued as written, counted and removed unrun."""
     _needs_pipeline(repo_copy)
     venv = REPO / ".venv"
     if not (repo_copy / ".venv").exists():
@@ -290,7 +298,7 @@ def test_every_readme_command_works_as_written(repo_copy):
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if str(venv) not in p)
     env = {"MLFLOW_TRACKING_URI": None, "HOME": str(home), "PATH": path, "VIRTUAL_ENV": None}
     env["LOADTEST_SECONDS"] = "9"  # `make loadtest` reads it (3 s per level); README: 60
-    readme = (repo_copy / "README.md").read_text()
+    readme = manual(repo_copy)
     script = repo_copy / "readme.sh"
     script.write_text(readme_script(readme))
     try:

@@ -129,11 +129,14 @@ def hand_over(module: str) -> None:
         _start_server(path)
         return
     with conn:
+        umask = os.umask(0o022)
+        os.umask(umask)
         request = {
             "module": module,
             "argv": sys.argv[1:],
             "cwd": os.getcwd(),
             "env": dict(os.environ),
+            "umask": umask,
         }
         try:
             socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
@@ -363,9 +366,11 @@ def _run_stage(request: dict, fds: list[int], base_path: list[str]) -> None:
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
+    os.umask(request["umask"])
     os.environ.clear()
     os.environ.update(request["env"])
     os.environ[CHILD] = "1"
+    time.tzset()  # TZ may differ from the server's
     sys.path[:] = [request["cwd"], *base_path]  # as `python -m` in cwd (same PYTHONPATH)
     for name in [m for m in sys.modules if m.split(".")[0] in ("rnnflow", "stages")]:
         del sys.modules[name]

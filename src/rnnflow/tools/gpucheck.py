@@ -129,8 +129,9 @@ class Check:
         own code first on the import path."""
         paths = [str(self.project / "src"), os.environ.get("PYTHONPATH", "")]
         env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)} | (env or {})
-        limit = min(TIMEOUTS[name], self.deadline - time.monotonic())
-        if limit < 5:
+        left = self.deadline - time.monotonic()
+        limit = min(TIMEOUTS[name], left)
+        if left < 5:
             self.steps[name] = {"command": " ".join(cmd), "exit": "skipped (no time left)"}
             self.write()
             return self.steps[name]
