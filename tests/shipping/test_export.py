@@ -12,9 +12,10 @@ import torch
 from onnx import numpy_helper
 
 from rnnflow.analysis.compare import compare
-from rnnflow.analysis.evaluate import classification_report, evaluate_variant
+from rnnflow.analysis.evaluate import evaluate_variant
 from rnnflow.analysis.gradients import gradient_flow
 from rnnflow.core.errors import RnnflowError
+from rnnflow.core.metrics import classification_report
 from rnnflow.shipping.export import export_bundle, export_onnx
 from rnnflow.shipping.predict import Predictor
 from rnnflow.shipping.validate import check_parity, validate_bundle
@@ -134,6 +135,9 @@ def test_stages_produce_a_validated_bundle_and_leaderboard(workspace, shipped):
         assert float(version.tags["test_accuracy"]) == pytest.approx(evaluation["accuracy"], 1e-3)
         assert version.tags["parity_passed"] == "true"
         assert float(version.tags["parity_max_abs_diff"]) <= 1e-5
+        assert version.tags["precision"] == "fp32"  # the model's default; int8 on request
+        # the gate held: within the configured drop (0.05 on this 60-90 text split)
+        assert run.data.metrics["int8_accuracy_drop"] <= shipped.parity.int8_max_drop
 
     assert [r["variant"] for r in rows] == sorted(
         ["rnn_cell_deep", "lstm"],

@@ -23,6 +23,8 @@ COLUMNS = (
     ("latency_ms_batch1_p50", "latency b=1 ms", "{:.2f}"),
     ("onnx_max_abs_diff", "ONNX max abs diff", "{:.1e}"),
     ("onnx_parity", "ONNX parity", "{}"),
+    ("int8_accuracy_drop", "int8 acc drop", "{:+.4f}"),
+    ("int8_size_kb", "int8 KB (fp32)", "{}"),
     ("grad_decay_per_step", "dL/dh decay/step", "{}"),
 )
 
@@ -35,6 +37,7 @@ def leaderboard_rows(variants: list[str]) -> list[dict]:
         train = read_json(metrics_file("train", v))
         evaluation = read_json(metrics_file("eval", v))
         parity = read_json(metrics_file("validate", v))
+        int8 = parity["int8"]
         timing = read_json(metrics_file("timing", f"train_{v}")) | read_json(
             metrics_file("timing", f"eval_{v}")
         )
@@ -52,6 +55,8 @@ def leaderboard_rows(variants: list[str]) -> list[dict]:
                 "latency_ms_batch1_p50": timing["latency_ms_batch1_p50"],
                 "onnx_max_abs_diff": parity["max_abs_diff"],
                 "onnx_parity": "pass" if parity["passed"] else "FAIL",
+                "int8_accuracy_drop": int8["accuracy_drop"],
+                "int8_size_kb": f"{int8['size_kb']:.0f} ({int8['fp32_size_kb']:.0f})",
                 "grad_decay_per_step": _decay(gradients[v]),
             }
         )

@@ -91,6 +91,7 @@ class ExportParams(_Strict):
 class ParityParams(_Strict):
     atol: float = Field(1e-5, gt=0)
     rtol: float = Field(0.0, ge=0)
+    int8_max_drop: float = Field(0.01, ge=0, le=1)  # test accuracy the int8 model may lose
 
 
 class Params(_Strict):

@@ -43,7 +43,7 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
 def _predict(args: argparse.Namespace) -> None:
     from rnnflow.shipping.predict import Predictor
 
-    predictor = Predictor(args.model)
+    predictor = Predictor(args.model, int8=args.int8)
     for result in predictor.predict(_read_inputs(args), batch_size=args.batch_size):
         if args.top_k:
             top = sorted(result["probabilities"].items(), key=lambda kv: -kv[1])[: args.top_k]
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--field", default="text", help="text field of JSON objects (default: text)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--top-k", type=int, default=0, help="only the k most likely classes")
+    p.add_argument("--int8", action="store_true", help="the bundle's int8 model (model.int8.onnx)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)
     run_cli(lambda: _predict(args), "rnnflow")

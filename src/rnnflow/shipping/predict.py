@@ -11,6 +11,7 @@ from rnnflow.core.errors import RnnflowError
 from rnnflow.data.text import UNK_ID, encode, file_hash, load_tokenizer, pad_batch
 
 BUNDLE_FILES = ("model.onnx", "tokenizer.json", "labels.json", "bundle.json")
+INT8_FILE = "model.int8.onnx"  # the same model with int8 weights (export writes both)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -20,9 +21,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Predictor:
-    """A loaded bundle (models/VARIANT/) that turns texts into labels and probabilities."""
+    """A loaded bundle (models/VARIANT/) that turns texts into labels and probabilities,
+    with its fp32 model or (int8=True) the int8 one."""
 
-    def __init__(self, bundle: str | Path, threads: int = 0):
+    def __init__(self, bundle: str | Path, threads: int = 0, int8: bool = False):
         self.dir = Path(bundle)
         missing = [f for f in BUNDLE_FILES if not (self.dir / f).is_file()]
         if missing:
@@ -39,14 +41,17 @@ class Predictor:
         self.tokenizer = load_tokenizer(self.dir / "tokenizer.json")
         if file_hash(self.dir / "tokenizer.json") != self.meta.get("vocab_hash"):
             raise RnnflowError(f"{self.dir}/tokenizer.json: does not match bundle.json vocab_hash")
+        model = self.dir / (INT8_FILE if int8 else "model.onnx")
+        if not model.is_file():
+            raise RnnflowError(f"{model}: no int8 model in this bundle (export it again)")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(
-                str(self.dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+                str(model), options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises its own exception types
-            raise RnnflowError(f"{self.dir}/model.onnx: cannot load ({err})") from err
+            raise RnnflowError(f"{model}: cannot load ({err})") from err
 
     def logits(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Raw model output for an already numericalized batch."""

@@ -17,9 +17,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
-# Request limits, overridable per logged model (model_config): the scoring server holds a whole
-# request in memory, so both bound what one request can cost.
-LIMITS = {"max_batch": 1000, "max_text_chars": 10_000}
+# The model's config, overridable when it is loaded (model_config): the request limits (the
+# scoring server holds a whole request in memory, so both bound what one request can cost),
+# and which of the bundle's two ONNX models answers, fp32 (model.onnx, the one the parity
+# gate proves) or int8 (model.int8.onnx, smaller, within the int8 gate's accuracy drop).
+LIMITS = {"max_batch": 1000, "max_text_chars": 10_000, "precision": "fp32"}
 
 
 class Prediction(pydantic.BaseModel):
@@ -64,8 +66,13 @@ class TextClassifier(PythonModel):
     def load_context(self, context) -> None:
         from rnnflow.shipping.predict import Predictor
 
-        self.predictor = Predictor(context.artifacts["bundle"])
-        self.limits = LIMITS | dict(context.model_config or {})
+        config = LIMITS | dict(context.model_config or {})
+        if config["precision"] not in ("fp32", "int8"):
+            raise MlflowException.invalid_parameter_value(
+                f"model_config precision: expected fp32 or int8, got {config['precision']!r}"
+            )
+        self.predictor = Predictor(context.artifacts["bundle"], int8=config["precision"] == "int8")
+        self.limits = {key: config[key] for key in ("max_batch", "max_text_chars")}
 
     def predict(self, context, model_input: list[str], params=None) -> list[Prediction]:
         texts = check_texts(model_input, **self.limits)

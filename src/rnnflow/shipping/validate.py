@@ -9,12 +9,13 @@ import torch
 from rnnflow.core.atomic import write_json
 from rnnflow.core.config import Params
 from rnnflow.core.errors import RnnflowError
+from rnnflow.core.metrics import classification_report, latency
 from rnnflow.core.paths import PACKED, bundle_dir, metrics_file
 from rnnflow.core.paths import checkpoint as checkpoint_path
 from rnnflow.data.batching import BucketBatchSampler, PackedSplit
 from rnnflow.data.text import file_hash
 from rnnflow.model import checkpoint
-from rnnflow.shipping.predict import Predictor
+from rnnflow.shipping.predict import INT8_FILE, Predictor
 from rnnflow.tracking import runs
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -107,8 +108,47 @@ def check_parity(
     }
 
 
+def int8_report(fp32: Predictor, int8: Predictor, test: PackedSplit, batch_size: int) -> dict:
+    """The int8 model against the fp32 one on the whole test split: test accuracy and
+    macro-F1 of each (and the drop), argmax agreement, size on disk, and onnxruntime
+    latency (p50/p95 ms) at batch 1 and 64."""
+    predicted: dict[str, list] = {"fp32": [], "int8": []}
+    truth = []
+    for index in BucketBatchSampler(test.lengths, batch_size, pool=50, shuffle=False):
+        tokens, lengths, labels = test.batch(index)
+        for name, predictor in (("fp32", fp32), ("int8", int8)):
+            predicted[name].append(predictor.logits(tokens.astype(np.int64), lengths).argmax(1))
+        truth.append(labels)
+    y = np.concatenate(truth)
+    fp32_pred, int8_pred = (np.concatenate(predicted[n]) for n in ("fp32", "int8"))
+    scores = {
+        name: classification_report(y, pred, fp32.labels)
+        for name, pred in (("fp32", fp32_pred), ("int8", int8_pred))
+    }
+    rng = np.random.default_rng(0)
+    report = {
+        "accuracy": scores["int8"]["accuracy"],
+        "macro_f1": scores["int8"]["macro_f1"],
+        "fp32_accuracy": scores["fp32"]["accuracy"],
+        "fp32_macro_f1": scores["fp32"]["macro_f1"],
+        "accuracy_drop": scores["fp32"]["accuracy"] - scores["int8"]["accuracy"],
+        "macro_f1_drop": scores["fp32"]["macro_f1"] - scores["int8"]["macro_f1"],
+        "argmax_agreement": float((fp32_pred == int8_pred).mean()),
+        "size_kb": (int8.dir / INT8_FILE).stat().st_size / 1024,
+        "fp32_size_kb": (fp32.dir / "model.onnx").stat().st_size / 1024,
+    }
+    for size in (1, 64):
+        tokens, lengths, _ = test.batch(rng.choice(len(test), size=size))
+        batch = (tokens.astype(np.int64), lengths)
+        for name, predictor in (("fp32", fp32), ("int8", int8)):
+            times = latency(predictor.logits, batch)
+            report[f"{name}_latency_ms_batch{size}_p50"] = times["p50"]
+    return report
+
+
 def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
-    """Run the parity gate for one variant; raise (non-zero exit) if ONNX differs from torch."""
+    """Run the parity gate for one variant; raise (non-zero exit) if ONNX differs from torch.
+    Then the int8 gate: the int8 model may lose at most parity.int8_max_drop test accuracy."""
     predictor = Predictor(bundle_dir(variant))
     model, payload = checkpoint.load_model(
         checkpoint_path(variant), file_hash(bundle_dir(variant) / "tokenizer.json")
@@ -126,6 +166,14 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
     report = check_parity(torch_fn, onnx_fn, cases, params.parity.atol, params.parity.rtol)
     if not report["passed"]:
         _fail(variant, payload.get("mlflow_run_id"), report, params)
+    int8 = int8_report(predictor, Predictor(bundle_dir(variant), int8=True), test, 64)
+    report["int8"] = int8 | {"max_drop": params.parity.int8_max_drop}
+    if int8["accuracy_drop"] > params.parity.int8_max_drop:
+        raise RnnflowError(
+            f"{bundle_dir(variant)}/{INT8_FILE}: int8 gate FAILED for {variant} - test accuracy "
+            f"{int8['accuracy']:.4f} against fp32 {int8['fp32_accuracy']:.4f} (drop "
+            f"{int8['accuracy_drop']:.4f}, allowed {params.parity.int8_max_drop:g})"
+        )
     write_json(metrics_file("validate", variant), report)
     return report
 

@@ -418,6 +418,10 @@ def log_parity(run_id: str, report: dict) -> None:
         "onnx_argmax_agreement": report["argmax_agreement"],
         "onnx_parity_passed": float(report["passed"]),
     }
+    int8 = report.get("int8") or {}
+    for key in ("accuracy", "accuracy_drop", "argmax_agreement", "size_kb"):
+        if key in int8:
+            metrics[f"int8_{key}"] = int8[key]
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     client.log_dict(run_id, report, "validation/parity.json")
@@ -429,5 +433,7 @@ def log_parity(run_id: str, report: dict) -> None:
         "parity_max_abs_diff": f"{report['max_abs_diff']:.3g}",
         "parity_argmax_agreement": f"{report['argmax_agreement']:.4f}",
     }
+    if "accuracy_drop" in int8:  # the version also carries model.int8.onnx
+        tags["int8_accuracy_drop"] = f"{int8['accuracy_drop']:.4f}"
     for key, value in tags.items():
         client.set_model_version_tag(REGISTERED_MODEL, version, key, value)
