@@ -3,6 +3,8 @@
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+WEB_LOCK  := src/rnnflow/shipping/web/package-lock.json
+WEB_STAMP := .web/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # The installer: uv (pinned), kept outside the venv so that `uv pip sync` leaves exactly the
@@ -12,7 +14,16 @@ UV_VERSION := 0.13.9
 UV         := $(VENV)/tools/bin/uv
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
-.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check docs ui server server-stop serve loadtest longrange clean
+# The variables the README shows are checked before use: a bad value stops make with one line
+# (`Makefile:N: *** NAME=VALUE: expected ...  Stop.`, exit 2) instead of reaching a program.
+# $(call checked,NAME,AWK-CONDITION-ON-v,WHAT) is $(NAME) when the condition holds.
+checked = $(if $(and $(if $(findstring ',$($(1))),,ok),$(shell awk -v v='$($(1))' \
+  'BEGIN { exit !($(2)) }' && echo ok)),$($(1)),$(error $(1)=$($(1)): expected $(3)))
+port_ok  = v ~ /^[0-9]+$$/ && v + 0 >= 1 && v + 0 <= 65535
+count_ok = v ~ /^[0-9]+$$/ && v + 0 >= 1 && v + 0 <= 64
+secs_ok  = v ~ /^[0-9]+([.][0-9]+)?$$/ && v + 0 > 0 && v + 0 <= 3600
+
+.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check demo web docs ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
@@ -41,7 +52,7 @@ system-deps:
 run: $(STAMP)
 	dvc repro
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps $(WEB_STAMP)
 	pytest -m "slow or not slow" --durations=15
 
 test-fast: $(STAMP)
@@ -64,7 +75,26 @@ bench: $(STAMP)
 BENCH_PROCESSES ?= 2
 bench-ddp: $(STAMP)
 	dvc repro pack
-	python -m rnnflow.tools.scaling --processes $(BENCH_PROCESSES)
+	python -m rnnflow.tools.scaling \
+	  --processes $(call checked,BENCH_PROCESSES,$(count_ok),a whole number 1-64)
+
+# The browser demo: the champion bundle classified in the page by onnxruntime-web (npm,
+# pinned by src/rnnflow/shipping/web/package-lock.json, installed into .web/ so that nothing
+# of it lands on the Python path), served on http://127.0.0.1:$(DEMO_PORT)/ (Ctrl-C stops).
+DEMO_PORT ?= 8000
+
+web: $(WEB_STAMP)
+
+$(WEB_STAMP): $(WEB_LOCK) src/rnnflow/shipping/web/package.json
+	@command -v npm >/dev/null || { echo "make: npm missing, installing: apt-get install -y nodejs npm"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	mkdir -p .web
+	cp src/rnnflow/shipping/web/package.json $(WEB_LOCK) .web/
+	npm ci --prefix .web --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(WEB_STAMP)
+
+demo: $(STAMP) $(WEB_STAMP)
+	python -m rnnflow.tools.demo --port $(call checked,DEMO_PORT,$(port_ok),a port 1-65535)
 
 # The champion raw-text model, served by MLflow's scoring server (Ctrl-C stops it):
 #   curl -d '{"inputs": ["Nakamura", "O'"'"'Brien"]}' -H 'Content-Type: application/json' \
@@ -73,14 +103,15 @@ SERVE_PORT ?= 5001
 serve: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  mlflow models serve -m models:/rnnflow@champion --env-manager local \
-	  --host 127.0.0.1 --port $(SERVE_PORT)
+	  --host 127.0.0.1 --port $(call checked,SERVE_PORT,$(port_ok),a port 1-65535)
 
 # A bounded load test of the same on its own server (LOADTEST_SECONDS, 8/16/32 clients):
 # reports/serve.json
 LOADTEST_SECONDS ?= 60
 loadtest: $(STAMP)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-	  python -m rnnflow.tools.loadtest --seconds $(LOADTEST_SECONDS)
+	  python -m rnnflow.tools.loadtest \
+	    --seconds $(call checked,LOADTEST_SECONDS,$(secs_ok),a number of seconds above 0 and up to 3600)
 
 # The memory-horizon sweep (README "Gradient flow and memory horizon"): one queued DVC
 # experiment per length on the synthetic longrange task, two workers, then the report.

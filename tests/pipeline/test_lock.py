@@ -41,7 +41,7 @@ def test_a_fresh_clone_has_nothing_stale_in_its_lock(tmp_path):
                 continue
             for kind, entries in change.items():
                 if kind == "changed deps" or kind == "changed outs":
-                    bad = {p: s for p, s in entries.items() if s not in MISSING}
+                    bad = {p: s for p, s in entries.items() if str(s) not in MISSING}
                 else:  # changed params, or anything else
                     bad = entries
                 if bad:

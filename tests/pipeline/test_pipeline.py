@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,19 @@ serve_bg() {     # `make serve` holds its terminal: start it in the background, 
   for _ in $(seq 240); do curl -sf 127.0.0.1:5001/ping > /dev/null && return 0; sleep 0.5; done
   cat "$1" >&2; return 1
 }
+demo_bg() {      # `make demo` too: in the background until its page answers, then stopped
+  local port=$(grep -o 'DEMO_PORT=[0-9]*' <<<"$1" | cut -d= -f2)
+  setsid bash -c "$1" > demo.log 2>&1 < /dev/null &
+  local pid=$!
+  for _ in $(seq 240); do
+    if curl -sf "127.0.0.1:${port:-8000}/" | grep -q 'rnnflow in the browser'; then
+      curl -sf "127.0.0.1:${port:-8000}/bundle/labels.json" | grep -q labels
+      kill -- -"$pid"; wait "$pid" || true; return 0
+    fi
+    sleep 0.5
+  done
+  cat demo.log >&2; kill -- -"$pid"; return 1
+}
 """
 
 
@@ -250,6 +264,8 @@ def readme_script(text: str) -> str:
             command = line.split(" #")[0].strip()
             if command == "make test":
                 lines.append(f": skipped, this test is part of it: {line!r}")
+            elif command.startswith("make demo"):
+                lines.append(f"demo_bg {shlex.quote(command)}")
             elif command == "make serve":
                 lines.append("serve_bg serve.log")
                 serving = True

@@ -11,7 +11,6 @@ waits for the queue and reads the results back from `dvc exp show --json`:
                              per step against accuracy
 """
 
-import argparse
 import json
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from rnnflow.core import plots
 from rnnflow.core.atomic import write_json, write_text
+from rnnflow.core.cliargs import CliParser
 from rnnflow.core.errors import RnnflowError, run_cli
 from rnnflow.core.paths import REPORTS
 
@@ -157,12 +157,12 @@ def report(out_dir: Path = REPORTS) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="rnnflow.analysis.longrange", description=__doc__.split("\n")[0]
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(
+        prog="python -m rnnflow.analysis.longrange", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--no-wait", action="store_true", help="report without waiting")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.no_wait:
         wait_for_queue()
     print(to_markdown(report()))

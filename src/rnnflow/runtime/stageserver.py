@@ -427,8 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     path = socket_path()
     if command == "serve":
         return serve(float(os.environ.get(IDLE, "120")))
-    if command not in ("status", "stop"):
-        print("usage: python -m rnnflow.runtime.stageserver [status|stop]", file=sys.stderr)
+    if command not in ("status", "stop") or len(args) > 1:
+        print(
+            f"python -m rnnflow.runtime.stageserver: error: expected status or stop, got "
+            f"{' '.join(args)!r}",
+            file=sys.stderr,
+        )
         return 2
     running = _locked(path)
     if command == "status":

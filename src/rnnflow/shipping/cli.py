@@ -7,10 +7,13 @@ import argparse
 import json
 import sys
 
+from rnnflow.core.cliargs import CliParser, non_empty, non_negative_int, positive_int
 from rnnflow.core.errors import RnnflowError, run_cli
 
 
 def _read_inputs(args: argparse.Namespace) -> list[str]:
+    if args.texts and args.input is not None:
+        raise RnnflowError("give texts as arguments or --input, not both")
     if args.texts:
         return list(args.texts)
     if args.input == "-" or args.input is None:
@@ -37,6 +40,8 @@ def _read_inputs(args: argparse.Namespace) -> list[str]:
                 f"{source}:{number}: expected a string or an object with '{args.field}'"
             )
         texts.append(text)
+    if not texts:
+        raise RnnflowError(f"{source}: no texts to classify")
     return texts
 
 
@@ -53,16 +58,20 @@ def _predict(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `rnnflow` command."""
-    parser = argparse.ArgumentParser(prog="rnnflow", description=__doc__.splitlines()[0])
+    parser = CliParser(prog="rnnflow", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify raw text with an exported bundle")
-    p.add_argument("--model", required=True, help="bundle directory, e.g. models/gru")
+    p.add_argument("--model", required=True, type=non_empty, help="bundle, e.g. models/gru")
     p.add_argument("texts", nargs="*", help="texts to classify")
-    p.add_argument("--input", help="JSON lines file (strings or objects), or - for stdin")
-    p.add_argument("--field", default="text", help="text field of JSON objects (default: text)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=0, help="only the k most likely classes")
+    p.add_argument(
+        "--input", type=non_empty, help="JSON lines file (strings or objects), or - for stdin"
+    )
+    p.add_argument("--field", type=non_empty, default="text", help="text field of JSON objects")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="texts per model call")
+    p.add_argument(
+        "--top-k", type=non_negative_int, default=0, help="only the k most likely classes (0: all)"
+    )
     p.add_argument("--int8", action="store_true", help="the bundle's int8 model (model.int8.onnx)")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     args = parser.parse_args(argv)

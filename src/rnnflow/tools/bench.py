@@ -21,7 +21,6 @@ times one statement at a time, which cannot interleave, and its Timer runs 1 thr
 told otherwise. The matmul limit, a single statement, uses torch.utils.benchmark.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from rnnflow.core.atomic import write_json, write_text
+from rnnflow.core.cliargs import CliParser, non_empty
 from rnnflow.core.config import Params, load_params
 from rnnflow.core.errors import RnnflowError, run_cli
 from rnnflow.core.paths import PACKED, REPORTS
@@ -526,10 +526,12 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rnnflow.tools.bench", description=__doc__)
+    parser = CliParser(prog="python -m rnnflow.tools.bench", description=__doc__)
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="corpus sizes")
-    parser.add_argument("--out", default=str(REPORTS / "bench"), help="report path stem")
+    parser.add_argument(
+        "--out", type=non_empty, default=str(REPORTS / "bench"), help="report path stem"
+    )
     parser.add_argument("--quick", action="store_true", help="few rounds (a smoke test)")
     args = parser.parse_args(argv)
 

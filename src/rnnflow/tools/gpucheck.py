@@ -21,7 +21,6 @@ is left. RNNFLOW_DEVICE=cpu runs it all on the CPU (`--quick`: a small sample an
 smoke test CI runs.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from rnnflow.core.atomic import write_json, write_text
+from rnnflow.core.cliargs import CliParser, non_empty
 from rnnflow.core.errors import RnnflowError, run_cli
 from rnnflow.core.paths import REPORTS
 from rnnflow.runtime.stageserver import with_this_python
@@ -292,10 +292,12 @@ def _last_json_line(text: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rnnflow.tools.gpucheck", description=__doc__)
+    parser = CliParser(prog="python -m rnnflow.tools.gpucheck", description=__doc__)
     parser.add_argument("--budget", type=float, default=540, help="seconds for all steps")
     parser.add_argument("--quick", action="store_true", help="small data and model (smoke test)")
-    parser.add_argument("--out", default=str(REPORTS / "gpu_check"), help="report path stem")
+    parser.add_argument(
+        "--out", type=non_empty, default=str(REPORTS / "gpu_check"), help="report path stem"
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 
 from rnnflow.core.atomic import write_json
+from rnnflow.core.cliargs import CliParser, non_empty, positive_float
 from rnnflow.core.errors import RnnflowError, run_cli
 from rnnflow.core.paths import REPORTS, split_file
 from rnnflow.tracking.server import ScoringServer, free_port, stop_group
@@ -205,17 +206,41 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="rnnflow.tools.loadtest", description=__doc__.split("\n")[0]
+def client_levels(text: str) -> tuple[int, ...]:
+    """--clients: concurrency levels, e.g. 8,16,32 (each 1-256)."""
+    try:
+        levels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or min(levels) < 1 or max(levels) > 256:
+        raise argparse.ArgumentTypeError(f"expected client counts 1-256 like 8,16,32, got {text!r}")
+    return levels
+
+
+def load_seconds(text: str) -> float:
+    """--seconds: the whole test's length, bounded (a load test stops by itself)."""
+    seconds = positive_float(text)
+    if seconds > 3600:
+        raise argparse.ArgumentTypeError(f"expected at most 3600 seconds, got {text!r}")
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(prog="python -m rnnflow.tools.loadtest", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-uri", type=non_empty, default="models:/rnnflow@champion")
+    parser.add_argument("--seconds", type=load_seconds, default=60, help="all phases together")
+    parser.add_argument(
+        "--clients", type=client_levels, default="8,16,32", help="concurrency levels, in order"
     )
-    parser.add_argument("--model-uri", default="models:/rnnflow@champion")
-    parser.add_argument("--seconds", type=float, default=60, help="all phases together")
-    parser.add_argument("--clients", default="8,16,32", help="concurrency levels, in order")
-    parser.add_argument("--out", type=Path, default=REPORTS / "serve.json")
-    args = parser.parse_args()
-    levels = tuple(int(c) for c in args.clients.split(","))
-    report = load_test(args.model_uri, args.seconds, levels, out=args.out)
+    parser.add_argument("--out", type=non_empty, default=str(REPORTS / "serve.json"))
+    args = parser.parse_args(argv)
+    run_cli(lambda: report_load_test(args), "loadtest")
+
+
+def report_load_test(args) -> None:
+    """Run the load test, print its table; fail if any request failed."""
+    args.out = Path(args.out)
+    report = load_test(args.model_uri, args.seconds, args.clients, out=args.out)
     print(to_markdown(report))
     print(
         f"{report['requests']} requests, {report['errors']} errors; server RSS "
@@ -226,4 +251,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "loadtest")
+    main()

@@ -102,13 +102,12 @@ def to_markdown(runs: list[Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     from rnnflow.core.atomic import write_json, write_text
+    from rnnflow.core.cliargs import CliParser
     from rnnflow.core.errors import run_cli
     from rnnflow.core.paths import REPORTS
 
-    parser = argparse.ArgumentParser(prog="python -m rnnflow.tools.profile", description=__doc__)
+    parser = CliParser(prog="python -m rnnflow.tools.profile", description=__doc__)
     parser.add_argument(
         "--modes", default="cold,warm", help="comma-separated: cold, warm (default: both)"
     )

@@ -6,7 +6,6 @@ one round of warm-up. Measurements of 1 and N processes alternate, so a slow spe
 machine hits both; the number that matters is the ratio. Writes reports/bench_ddp.{json,md}.
 """
 
-import argparse
 import itertools
 import os
 import platform
@@ -15,6 +14,7 @@ import statistics
 import torch
 
 from rnnflow.core.atomic import write_json, write_text
+from rnnflow.core.cliargs import CliParser, up_to
 from rnnflow.core.config import Params, load_params
 from rnnflow.core.errors import run_cli
 from rnnflow.core.paths import PACKED, REPORTS
@@ -107,16 +107,19 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="rnnflow.tools.scaling", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40, help="training batches per round")
-    parser.add_argument("--rounds", type=int, default=3)
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(prog="python -m rnnflow.tools.scaling", description=__doc__.split("\n")[0])
+    parser.add_argument("--processes", type=up_to(64), default=2, help="DDP ranks (1-64)")
+    parser.add_argument("--steps", type=up_to(100_000), default=40, help="batches per round")
+    parser.add_argument("--rounds", type=up_to(1000), default=3)
     parser.add_argument("--variants", default="", help="comma-separated; default: all")
-    parser.add_argument("--batch-size", type=int, help="instead of pack.batch_size")
-    args = parser.parse_args()
+    parser.add_argument("--batch-size", type=up_to(65_536), help="instead of pack.batch_size")
+    args = parser.parse_args(argv)
+    run_cli(lambda: bench_ddp(args), "bench-ddp")
+
+
+def bench_ddp(args) -> None:
+    """Measure, then write reports/bench_ddp.{json,md} (named by --batch-size if given)."""
     params = load_params()
     if args.batch_size:
         pack = params.pack.model_copy(update={"batch_size": args.batch_size})
@@ -147,4 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, "bench-ddp")
+    main()

@@ -12,7 +12,6 @@ commands run as the `postgres` user (runuser). Tests start the same classes on f
 and ScoringServer (`mlflow models serve`) for the served model.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rnnflow.core.cliargs import CliParser, fixed_port, non_empty
 from rnnflow.core.errors import RnnflowError, run_cli
 
 SERVER_DIR = Path(".rnnflow/server")
@@ -383,18 +383,17 @@ class TeamServer:
         self.postgres.stop()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="rnnflow.tracking.server", description=__doc__.split("\n")[0]
-    )
+def main(argv: list[str] | None = None) -> None:
+    parser = CliParser(prog="python -m rnnflow.tracking.server", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
-    parser.add_argument("--dir", type=Path, default=SERVER_DIR)
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("RNNFLOW_SERVER_PORT", 5000))
-    )
-    parser.add_argument("--pg-port", type=int, default=int(os.environ.get("RNNFLOW_PG_PORT", 5433)))
+    parser.add_argument("--dir", type=non_empty, default=str(SERVER_DIR))
+    # string defaults go through `type` too: a bad RNNFLOW_SERVER_PORT is refused by name
+    env = {name: os.environ.get(name) for name in ("RNNFLOW_SERVER_PORT", "RNNFLOW_PG_PORT")}
+    parser.add_argument("--port", type=fixed_port, default=env["RNNFLOW_SERVER_PORT"] or "5000")
+    parser.add_argument("--pg-port", type=fixed_port, default=env["RNNFLOW_PG_PORT"] or "5433")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.dir = Path(args.dir)
     if args.action == "start":
         uri = TeamServer(args.dir, args.port, args.pg_port).start()
         print(
