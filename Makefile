@@ -23,7 +23,7 @@ port_ok  = v ~ /^[0-9]+$$/ && v + 0 >= 1 && v + 0 <= 65535
 count_ok = v ~ /^[0-9]+$$/ && v + 0 >= 1 && v + 0 <= 64
 secs_ok  = v ~ /^[0-9]+([.][0-9]+)?$$/ && v + 0 > 0 && v + 0 <= 3600
 
-.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check demo web docs ui server server-stop serve loadtest longrange clean
+.PHONY: install system-deps run test test-fast lint format bench bench-ddp profile gpu-check demo web search docs ui server server-stop serve loadtest longrange clean
 
 install: $(STAMP)
 
@@ -117,12 +117,21 @@ loadtest: $(STAMP)
 # experiment per length on the synthetic longrange task, two workers, then the report.
 LONGRANGE_SET ?= -S data.source=longrange -S 'data.length=10,25,50,100' -S data.size=2000 \
 	-S '~model.variants.rnn_deep' -S '~model.variants.rnn_cell' -S '~model.variants.rnn_cell_deep' \
-	-S model.defaults.hidden_size=64 \
+	-S model.defaults.hidden_size=64 -S model.defaults.pool=last \
 	-S train.epochs=30 -S train.patience=10 -S train.lr=0.005
 longrange: $(STAMP)
 	dvc exp run --queue $(LONGRANGE_SET) evaluate gradients
 	dvc queue start -j 2
 	python -m rnnflow.analysis.longrange
+
+# An Optuna study over the model and training options (TPE, median pruning on the validation
+# loss; storage: the team server's PostgreSQL when it runs, else .rnnflow/search/optuna.db),
+# every trial an MLflow run; then the best options as a DVC experiment, search-STUDY
+# (`dvc exp apply search-STUDY` writes them to params.yaml). SEARCH_ARGS: see --help.
+SEARCH_ARGS ?=
+search: $(STAMP)
+	dvc repro pack
+	python -m rnnflow.tools.search $(SEARCH_ARGS)
 
 # Where a forced `dvc repro` spends its wall time, per stage: start-up, own work, tracking/IO,
 # each stage cold (its own process) and with the warm stage server: reports/profile.{json,md}

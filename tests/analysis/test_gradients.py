@@ -44,9 +44,13 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
     assert Params(**small_params()).pack.max_len == 32  # other sources keep their own
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_unrolled_model_is_the_model(variant):
-    model = make(variant, False).eval()
+@pytest.mark.parametrize(
+    ("variant", "pool"),
+    [(v, "last") for v in VARIANTS] + [("rnn_deep", "mean"), ("gru", "attention"), ("lstm", "max")],
+)
+def test_unrolled_model_is_the_model(variant, pool):
+    """Pooled models too: the unrolled states go through the model's own pooling."""
+    model = make(variant, False, pool=pool).eval()
     tokens, lengths = padded([9, 9, 9, 9], seed=3)
     _, layers = layer_weights(model)
     zeros = [[torch.zeros(4, model.cfg.hidden_size) for _ in range(9)] for _ in layers]

@@ -2,7 +2,7 @@
 
 import json
 
-from rnnflow.data.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, pad_batch
+from rnnflow.data.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, level_of, pad_batch
 from rnnflow.data.vocab import fit_vocabulary
 
 from ..conftest import small_params, write_params
@@ -63,3 +63,18 @@ def test_fit_vocabulary_writes_labels(workspace):
     labels = json.loads((workspace / "data/tokenizer/labels.json").read_text())["labels"]
     assert labels == sorted(labels) and len(labels) == 15 == report["classes"]
     assert report["vocab_size"] == tok.get_vocab_size() < 80
+
+
+def test_subword_levels_split_unseen_words_into_known_pieces():
+    texts = ["the unbelievable story", "believable stories told", "an unusual story"] * 5
+    for level, prefix in (("bpe", ""), ("wordpiece", "##")):
+        tok = build_tokenizer(texts, level, lowercase=True, min_freq=1, max_vocab=200)
+        assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id("<unk>") == UNK_ID
+        assert level_of(tok) == level
+        ids = encode(tok, ["Unbelievably told"], max_len=50)[0]  # a word never seen
+        pieces = [tok.id_to_token(i) for i in ids]
+        assert UNK_ID not in ids and len(pieces) >= 2  # pieces, not one unknown word
+        assert "".join(p.removeprefix(prefix) for p in pieces) == "unbelievablytold"
+        word = build_tokenizer(texts, "word", lowercase=True, min_freq=1, max_vocab=200)
+        assert encode(word, ["Unbelievably told"], 50)[0] == [UNK_ID, word.token_to_id("told")]
+        assert len(encode(tok, ["story " * 1000], max_len=16)[0]) == 16  # truncation

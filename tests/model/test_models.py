@@ -39,36 +39,51 @@ def padded(lengths, seed=1, vocab=30):
 CASES = [(v, False) for v in VARIANTS] + [
     ("rnn", True),
     ("rnn_deep", True),
+    ("rnn_cell", True),
+    ("rnn_cell_deep", True),
     ("lstm", True),
     ("gru", True),
 ]
 
 
-@pytest.mark.parametrize(("variant", "bidirectional"), CASES)
-def test_logits_same_alone_and_in_a_padded_batch(variant, bidirectional):
-    model = make(variant, bidirectional)
+def assert_padding_never_leaks(model: RNNClassifier) -> None:
+    """The same text alone, in a batch with other lengths, and with extra columns past its
+    end (pad ids, or junk ids where padded cores compute states that must not count) gives
+    the same logits."""
     tokens, lengths = padded([3, 11, 1, 7])
     with torch.no_grad():
         batch = model(tokens, lengths)
         for i, n in enumerate(lengths.tolist()):
             alone = model(tokens[i : i + 1, :n], lengths[i : i + 1])
-            assert torch.allclose(alone, batch[i : i + 1], atol=1e-6, rtol=0), (variant, i)
-        # extra trailing padding changes nothing either
-        wider = torch.cat([tokens, torch.zeros(4, 9, dtype=tokens.dtype)], dim=1)
-        assert torch.allclose(model(wider, lengths), batch, atol=1e-6, rtol=0)
+            assert torch.allclose(alone, batch[i : i + 1], atol=1e-6, rtol=0), i
+        for extra in (torch.zeros(4, 9, dtype=tokens.dtype), torch.randint(2, 30, (4, 9))):
+            wider = torch.cat([tokens, extra], dim=1)
+            assert torch.allclose(model(wider, lengths), batch, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("variant", "bidirectional"), CASES)
+def test_logits_same_alone_and_in_a_padded_batch(variant, bidirectional):
+    assert_padding_never_leaks(make(variant, bidirectional))
 
 
 @pytest.mark.parametrize(("cell", "twin"), [("rnn_cell", "rnn"), ("rnn_cell_deep", "rnn_deep")])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_stacked_cells_simulate_a_deep_rnn(cell, twin, nonlinearity):
-    """The tutorial's claim, proven: cells with nn.RNN's weights give nn.RNN's outputs."""
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stacked_cells_simulate_a_deep_rnn(cell, twin, nonlinearity, bidirectional):
+    """The tutorial's claim, proven: cells with nn.RNN's weights give nn.RNN's outputs, in
+    one direction and in both (the reverse cells carry nn.RNN's *_reverse weights)."""
     layers = 1 if cell == "rnn_cell" else 3
-    cells = make(cell, nonlinearity=nonlinearity, num_layers=layers)
-    rnn = make(twin, nonlinearity=nonlinearity, num_layers=layers, seed=5)
+    options = dict(nonlinearity=nonlinearity, num_layers=layers, bidirectional=bidirectional)
+    cells = make(cell, **options)
+    rnn = make(twin, seed=5, **options)
     state = {k: v for k, v in rnn.state_dict().items() if not k.startswith("core.")}
-    for i in range(len(cells.core.cells)):
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            state[f"core.cells.{i}.{name}"] = rnn.state_dict()[f"core.rnn.{name}_l{i}"]
+    reverse = [("cells_reverse", "_reverse")] if bidirectional else []
+    for group, suffix in [("cells", ""), *reverse]:
+        for i in range(layers):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                state[f"core.{group}.{i}.{name}"] = rnn.state_dict()[
+                    f"core.rnn.{name}_l{i}{suffix}"
+                ]
     cells.load_state_dict(state)
     tokens, lengths = padded([9, 2, 14, 5, 1])
     with torch.no_grad():
@@ -150,3 +165,58 @@ def test_bidirectional_models_stay_on_packed_input():
         full = model(tokens, lengths)
         model.core.packed = False  # reading a padded backward pass would be wrong
         assert not torch.allclose(model(tokens, lengths), full, atol=1e-4)
+
+
+POOLED = [
+    (variant, bidirectional, pool)
+    for pool in ("mean", "max", "attention")
+    for variant, bidirectional in [
+        ("rnn", False),
+        ("rnn_deep", False),
+        ("rnn_cell", False),
+        ("rnn_cell_deep", False),
+        ("lstm", False),
+        ("gru", False),
+        ("lstm", True),
+        ("rnn", True),
+        ("rnn_cell_deep", True),
+    ]
+]
+
+
+@pytest.mark.parametrize(("variant", "bidirectional", "pool"), POOLED)
+def test_pooling_never_reads_padding(variant, bidirectional, pool):
+    assert_padding_never_leaks(make(variant, bidirectional, pool=pool))
+
+
+@pytest.mark.parametrize("pool", ["last", "mean", "max", "attention"])
+def test_each_pooling_computes_what_it_says(pool):
+    """Against the states of nn.RNN computed by hand: the head reads the last state, their
+    mean, their elementwise max, or their softmax(score)-weighted sum."""
+    model = make("rnn", pool=pool)
+    tokens, lengths = padded([6])
+    with torch.no_grad():
+        states, _ = model.core.rnn(model.embedding(tokens))
+        states = states[0]  # [T, H]
+        summary = {
+            "last": states[-1],
+            "mean": states.mean(0),
+            "max": states.max(0).values,
+        }.get(pool)
+        if pool == "attention":
+            weights = torch.softmax(model.pool.score(states).squeeze(-1), 0)
+            summary = (weights[:, None] * states).sum(0)
+        expected = model.head(summary)
+        assert torch.allclose(model(tokens, lengths)[0], expected, atol=1e-6, rtol=0)
+
+
+def test_embedding_dropout_drops_only_while_training():
+    model = make("gru", embedding_dropout=0.5)
+    tokens, lengths = padded([9, 4])
+    with torch.no_grad():
+        assert torch.equal(model(tokens, lengths), model(tokens, lengths))  # eval: deterministic
+        model.train()
+        torch.manual_seed(0)
+        first = model(tokens, lengths)
+        torch.manual_seed(1)
+        assert not torch.allclose(first, model(tokens, lengths))

@@ -219,3 +219,47 @@ def test_postgres_restarted_between_stages_loses_nothing(team_server, data_works
     assert got.data.metrics["best_val_acc"] == pytest.approx(train["best_val_acc"])
     assert got.data.metrics["test_accuracy"] == pytest.approx(evaluation["accuracy"])
     assert got.data.tags["rnnflow.stage.export"] == "done"
+
+
+def test_two_machines_work_one_search_study_on_the_team_servers_postgres(
+    team_server, data_workspace, tmp_path
+):
+    """Optuna's RDB storage is the distributed engine: two processes (as two machines would)
+    run `python -m rnnflow.tools.search` on one study in the team server's PostgreSQL, found
+    from the server's state like `make search` finds it; every trial is counted once and
+    every trial is an MLflow run on the team server."""
+    import optuna
+
+    from rnnflow.tools.search import storage_url
+
+    ws = tmp_path / "ws"
+    shutil.copytree(data_workspace, ws)
+    url, where = storage_url(None, team_server.dir)
+    assert url.startswith("postgresql+psycopg://") and url.endswith("/optuna"), url
+    assert where.startswith("the team server's PostgreSQL")
+    env = os.environ | {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": team_server.mlflow.uri}
+    cmd = [sys.executable, "-m", "rnnflow.tools.search", "--variant", "rnn", "--trials", "2"]
+    cmd += ["--epochs", "1", "--study", "shared", "--storage", url, "--no-experiment"]
+    machines = [
+        subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for proc in machines:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    with tracking_at(team_server.mlflow.uri):
+        parents = mlflow.search_runs(
+            experiment_names=["rnnflow"],
+            filter_string="tags.`optuna.study` = 'shared'",
+            output_format="list",
+        )
+        assert len(parents) == 2
+        trials = mlflow.search_runs(
+            experiment_names=["rnnflow"],
+            filter_string="tags.`rnnflow.kind` = 'search-trial'",
+            output_format="list",
+        )
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {p.info.run_id for p in parents}

@@ -31,7 +31,8 @@ def _session(path):
 
 @pytest.mark.parametrize(
     ("variant", "bidirectional"),
-    [(v, False) for v in VARIANTS] + [("rnn", True), ("lstm", True), ("gru", True)],
+    [(v, False) for v in VARIANTS]
+    + [("rnn", True), ("rnn_cell", True), ("rnn_cell_deep", True), ("lstm", True), ("gru", True)],
 )
 def test_every_variant_exports_and_matches_at_any_length(tmp_path, variant, bidirectional):
     model = make(variant, bidirectional)
@@ -52,6 +53,31 @@ def test_every_variant_exports_and_matches_at_any_length(tmp_path, variant, bidi
         got = session.run(None, {"tokens": tokens.numpy(), "lengths": n.numpy()})[0]
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() <= 1e-5, (variant, lengths)
+
+
+@pytest.mark.parametrize(
+    ("variant", "bidirectional", "pool"),
+    [
+        ("rnn", False, "mean"),
+        ("rnn_cell_deep", False, "attention"),
+        ("rnn_deep", False, "max"),
+        ("lstm", False, "attention"),
+        ("gru", False, "max"),
+        ("gru", True, "mean"),
+        ("rnn_cell_deep", True, "max"),
+    ],
+)
+def test_pooled_models_export_and_match(tmp_path, variant, bidirectional, pool):
+    model = make(variant, bidirectional, pool=pool)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, opset=17)
+    session = _session(path)
+    for lengths in ([1], [5, 3, 1], [20, 7, 7, 1, 13], list(range(1, 41))):
+        tokens, n = padded(lengths, seed=len(lengths))
+        with torch.no_grad():
+            expected = model(tokens, n).numpy()
+        got = session.run(None, {"tokens": tokens.numpy(), "lengths": n.numpy()})[0]
+        assert np.abs(got - expected).max() <= 1e-5, (variant, pool, lengths)
 
 
 def test_gate_fails_on_a_perturbed_model(tmp_path):

@@ -6,12 +6,12 @@ import mlflow
 import pytest
 import torch
 
-from rnnflow.core.config import Params
+from rnnflow.core.config import Params, TrainParams
 from rnnflow.core.errors import RnnflowError
 from rnnflow.data.batching import PackedSplit, make_loader
 from rnnflow.model import checkpoint
 from rnnflow.tracking.runs import EXPERIMENT
-from rnnflow.training.train import RESUME_DIR, run_epoch, train_variant
+from rnnflow.training.train import RESUME_DIR, learning_rate, run_epoch, train_variant
 
 from ..conftest import small_params, write_params
 
@@ -21,7 +21,7 @@ def _params(ws, **train) -> Params:
 
 
 def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
-    result = train_variant(_params(workspace), "gru")
+    result = train_variant(_params(workspace, lr=0.01), "gru")
     metrics = json.loads((workspace / "metrics/train/gru.json").read_text())
     assert metrics["epochs_run"] == 3 and 1 <= metrics["best_epoch"] <= 3
     assert metrics["best_val_acc"] > metrics["majority_baseline_val_acc"]
@@ -38,7 +38,7 @@ def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
     assert run.info.status == "FINISHED"
     assert run.data.tags["rnnflow.variant"] == "gru"
     assert run.data.params["model.hidden_size"] == "24"
-    assert run.data.params["train.lr"] == str(small_params()["train"]["lr"])
+    assert run.data.params["train.lr"] == "0.01"  # as params.yaml said
     assert run.data.metrics["best_val_acc"] == pytest.approx(metrics["best_val_acc"])
     steps = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
     assert [m.step for m in steps] == [1, 2, 3]
@@ -48,7 +48,7 @@ def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
 
 
 def test_checkpoint_holds_the_best_epoch_not_the_last(workspace):
-    raw = small_params(train={"epochs": 8, "patience": 8, "lr": 0.02})
+    raw = small_params(train={"epochs": 10, "patience": 10, "lr": 0.05})
     train_variant(write_params(workspace, raw), "rnn")
     metrics = json.loads((workspace / "metrics/train/rnn.json").read_text())
     assert metrics["best_epoch"] < metrics["epochs_run"], "setup must overfit after the best"
@@ -79,8 +79,22 @@ def test_same_params_same_metrics(workspace):
     assert (workspace / "metrics/train/lstm.json").read_bytes() == first
 
 
-def test_resume_after_interruption_matches_uninterrupted(workspace, monkeypatch):
-    params = _params(workspace, epochs=3)
+OPTIONS = {
+    "defaults": {},
+    # every model and training option of its own: pooling, embedding dropout, a schedule
+    # that is a function of the step, label smoothing
+    "options": {
+        "model": {"pool": "attention", "embedding_dropout": 0.1},
+        "train": {"schedule": "cosine", "warmup": 0.2, "label_smoothing": 0.1},
+    },
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_resume_after_interruption_matches_uninterrupted(workspace, monkeypatch, options):
+    raw = small_params(train={"epochs": 3, "patience": 5} | options.get("train", {}))
+    raw["model"]["defaults"] |= options.get("model", {})
+    params = write_params(workspace, raw)
     train_variant(params, "rnn")
     reference = (workspace / "metrics/train/rnn.json").read_bytes()
 
@@ -123,3 +137,37 @@ def test_checkpoint_errors(workspace):
         checkpoint.load(workspace / "models/gru/checkpoint.pt", vocab_hash="abc")
     with pytest.raises(RnnflowError, match="checkpoint not found"):
         checkpoint.load(workspace / "models/none.pt")
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    settings = TrainParams(schedule="cosine", warmup=0.1, lr=0.01)
+    lrs = [learning_rate(settings, step, 100) for step in range(100)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)  # 10 warm-up steps
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[10 + 45] == pytest.approx(0.005, rel=0.05)  # halfway down the cosine
+    assert lrs[-1] < 1e-4 and learning_rate(settings, 150, 100) == 0.0
+    constant = settings.model_copy(update={"schedule": "constant"})
+    assert {learning_rate(constant, step, 100) for step in range(100)} == {0.01}
+
+
+def test_label_smoothing_changes_the_objective_not_the_reported_loss(workspace):
+    """Two steps from the same weights: smoothing moves the weights differently, and the
+    loss reported is the plain cross-entropy of the same logits either way."""
+    from rnnflow.model.network import ModelConfig, RNNClassifier
+
+    split = PackedSplit.load(workspace / "data/packed/train.npz")
+    loader = make_loader(split, 16, 4, shuffle=False, seed=0)
+    batches = [next(iter(loader))]
+    cfg = ModelConfig("gru", 200, 20, 8, 12, 1, 0.0, "tanh", False)
+    results, weights = {}, {}
+    for smoothing in (0.0, 0.3):
+        torch.manual_seed(0)
+        model = RNNClassifier(cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        results[smoothing] = run_epoch(
+            model, batches, torch.device("cpu"), optimizer, 1e9, label_smoothing=smoothing
+        )
+        weights[smoothing] = model.head.weight.detach().clone()
+    assert results[0.0].loss == results[0.3].loss  # the same logits, plain cross-entropy
+    assert not torch.allclose(weights[0.0], weights[0.3])

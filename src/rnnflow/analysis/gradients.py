@@ -38,16 +38,16 @@ MIN_SEQUENCES = 20  # a step enters the decay fit only if this many sequences re
 def layer_weights(model: RNNClassifier) -> tuple[str, list[tuple[torch.Tensor, ...]]]:
     """(cell kind, per layer (w_ih, w_hh, b_ih, b_hh)) of a unidirectional model."""
     core = model.core
+    if model.cfg.bidirectional:
+        raise RnnflowError(
+            f"gradients@{model.cfg.variant}: bidirectional models have no single direction "
+            "of time to follow; set bidirectional: false for this variant"
+        )
     if isinstance(core, CellLoopCore):
         kind = f"rnn_{model.cfg.nonlinearity}"
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         return kind, [tuple(getattr(c, n) for n in names) for c in core.cells]
     rnn = core.rnn
-    if rnn.bidirectional:
-        raise RnnflowError(
-            f"gradients@{model.cfg.variant}: bidirectional models have no single direction "
-            "of time to follow; set bidirectional: false for this variant"
-        )
     kinds = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: f"rnn_{model.cfg.nonlinearity}"}
     kind = kinds[type(rnn)]
     names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -78,7 +78,8 @@ def unrolled_logits(
             h = h + deltas[layer][t]
             states.append(h)
         x = torch.stack(states, dim=1)
-    return model.head(h)
+    lengths = torch.full((batch,), steps, dtype=torch.int64)  # equal lengths: no padding
+    return model.head(model.pool(x, h, lengths))
 
 
 def state_gradient_norms(model: RNNClassifier, tokens: torch.Tensor, labels: torch.Tensor):

@@ -47,7 +47,7 @@ class DataParams(_Strict):
 
 
 class TokenizeParams(_Strict):
-    level: Literal["auto", "char", "word"] = "auto"
+    level: Literal["auto", "char", "word", "bpe", "wordpiece"] = "auto"
     lowercase: bool = True
     min_freq: int = Field(1, ge=1)
     max_vocab: int = Field(30000, ge=3)
@@ -66,6 +66,8 @@ class ModelParams(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     nonlinearity: Literal["tanh", "relu"] = "tanh"
     bidirectional: bool = False
+    pool: Literal["last", "mean", "max", "attention"] = "max"  # what the head reads
+    embedding_dropout: float = Field(0.1, ge=0, lt=1)
 
 
 class ModelSection(_Strict):
@@ -78,6 +80,9 @@ class TrainParams(_Strict):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     clip_norm: float = Field(1.0, gt=0)
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: warm-up, then cosine to 0
+    warmup: float = Field(0.1, ge=0, lt=1)  # cosine: share of all steps spent warming up
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(3, ge=1)
     processes: int = Field(1, ge=1)  # DDP ranks on this machine (see rnnflow.distributed)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast forward on CUDA
@@ -139,7 +144,7 @@ class Params(_Strict):
             raise RnnflowError(_describe(err, PARAMS, prefix=f"model.variants.{name}")) from err
 
     @property
-    def token_level(self) -> Literal["char", "word"]:
+    def token_level(self) -> Literal["char", "word", "bpe", "wordpiece"]:
         """The tokenization level; `auto` is char for the builtin surnames and the longrange
         characters, word otherwise."""
         if self.tokenize.level != "auto":
@@ -171,5 +176,8 @@ def load_params(path: str | Path = PARAMS) -> Params:
         return Params(**raw)
     except ValidationError as err:
         raise RnnflowError(_describe(err, path)) from err
-    except RnnflowError as err:
-        raise RnnflowError(str(err)) from err
+    except RnnflowError as err:  # a variant's options: name the file actually read
+        message = str(err)
+        if message.startswith(f"{PARAMS}: "):
+            message = f"{path}: " + message.removeprefix(f"{PARAMS}: ")
+        raise RnnflowError(message) from err

@@ -32,7 +32,5 @@ def check_variant(name: str, options) -> None:
         raise ValueError(f"model.variants.{name}: num_layers must be 1, got {options.num_layers}")
     if spec.layers == "many" and options.num_layers < 2:
         raise ValueError(f"model.variants.{name}: num_layers must be > 1, got {options.num_layers}")
-    if spec.core == "rnn_cell" and options.bidirectional:
-        raise ValueError(f"model.variants.{name}: cell loops are unidirectional")
     if spec.core in ("lstm", "gru") and options.nonlinearity != "tanh":
         raise ValueError(f"model.variants.{name}: nonlinearity applies to RNN kinds only")

@@ -1,4 +1,9 @@
-"""Tokenization and vocabulary with Hugging Face `tokenizers` (torch-free: predict uses it too)."""
+"""Tokenization and vocabulary with Hugging Face `tokenizers` (torch-free: predict uses it too).
+
+Levels: `char` and `word` (a WordLevel vocabulary of characters or whitespace/punctuation
+words), and the subword levels `bpe` and `wordpiece` (trained by `tokenizers` on the train
+split: words split into frequent pieces, so a rare or unseen word still gets known pieces
+instead of `<unk>`). `<pad>` is id 0 and `<unk>` id 1 at every level."""
 
 import hashlib
 from collections.abc import Iterable, Sequence
@@ -12,29 +17,39 @@ from rnnflow.core.errors import RnnflowError
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
+Level = Literal["char", "word", "bpe", "wordpiece"]
 # Before tokenizing, a text is cut to this many characters per allowed token, so a 10 MB line
-# costs no more than a normal one. Word level keeps a wide margin for long words.
-CHARS_PER_TOKEN = {"char": 2, "word": 64}
+# costs no more than a normal one. Word and subword levels keep a wide margin for long words.
+CHARS_PER_TOKEN = {"char": 2, "word": 64, "bpe": 64, "wordpiece": 64}
+WORDPIECE_PREFIX = "##"
 
 
 def build_tokenizer(
     texts: Iterable[str],
-    level: Literal["char", "word"],
+    level: Level,
     lowercase: bool,
     min_freq: int,
     max_vocab: int,
 ) -> Tokenizer:
-    """Fit a vocabulary on `texts`: `<pad>` is id 0, `<unk>` id 1, then tokens by frequency."""
+    """Fit a vocabulary on `texts`: `<pad>` is id 0, `<unk>` id 1, then tokens (or, for the
+    subword levels, merges / pieces) by frequency, at most max_vocab in all."""
     steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    options = {"vocab_size": max_vocab, "min_frequency": min_freq, "show_progress": False}
+    options["special_tokens"] = [PAD, UNK]
+    if level == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        trainer = trainers.BpeTrainer(**options)
+    elif level == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix=WORDPIECE_PREFIX))
+        trainer = trainers.WordPieceTrainer(**options, continuing_subword_prefix=WORDPIECE_PREFIX)
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(**options)
     tok.normalizer = normalizers.Sequence(steps)
     if level == "char":
         tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     else:
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(
-        vocab_size=max_vocab, min_frequency=min_freq, special_tokens=[PAD, UNK], show_progress=False
-    )
     tok.train_from_iterator(texts, trainer=trainer)
     assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
     return tok
@@ -48,8 +63,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise RnnflowError(f"{path}: cannot load tokenizer ({err})") from err
 
 
-def level_of(tok: Tokenizer) -> Literal["char", "word"]:
-    """Whether a tokenizer built here splits into characters or words."""
+def level_of(tok: Tokenizer) -> Level:
+    """Which of the levels a tokenizer built here splits at."""
+    if isinstance(tok.model, models.BPE):
+        return "bpe"
+    if isinstance(tok.model, models.WordPiece):
+        return "wordpiece"
     return "char" if isinstance(tok.pre_tokenizer, pre_tokenizers.Split) else "word"
 
 

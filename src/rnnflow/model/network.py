@@ -1,4 +1,11 @@
-"""Embedding -> recurrent core -> linear head on the last valid step, for every variant."""
+"""Embedding -> recurrent core -> pooling over the valid steps -> linear head, every variant.
+
+A core returns (states, last): the top layer's state at every step [B, T, F] (None when the
+pooling does not read it) and its state at each sequence's last valid step [B, F]. `Pool`
+summarises them for the head: `last` (the last state; bidirectional: the forward direction's
+last and the backward direction's first), `mean` and `max` over the valid steps, or
+`attention` (a learned score per step, softmax over the valid steps). Padded steps never
+reach the head: they are masked out, whatever a core computed there."""
 
 from dataclasses import asdict, dataclass
 
@@ -25,6 +32,8 @@ class ModelConfig:
     dropout: float
     nonlinearity: str
     bidirectional: bool
+    pool: str = "last"  # saved by older checkpoints without these two fields
+    embedding_dropout: float = 0.0
 
     @classmethod
     def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
@@ -63,23 +72,23 @@ class TorchRNNCore(nn.Module):
         # direction must start at each sequence's own last step.
         self.packed = cfg.bidirectional
 
-    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor):
+        rows = torch.arange(emb.shape[0], device=emb.device)
+        last = (lengths.to(emb.device) - 1).clamp(min=0)
         if not self.packed:
             out, _ = self.rnn(emb)
-            last = (lengths.to(out.device) - 1).clamp(min=0)
-            return out[torch.arange(out.shape[0], device=out.device), last]
+            return out, out[rows, last]
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         # Read the last layer's states from its output sequence rather than from h_n: the
         # same numbers, and the TorchScript ONNX exporter (torch 2.13) crashes on one-layer
         # modules whose output sequence is left unused.
-        out, _ = pad_packed_sequence(out, batch_first=True)  # [B, T, directions * H]
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=emb.shape[1])
         hidden = self.rnn.hidden_size
-        last = (lengths.to(out.device) - 1).clamp(min=0)
-        forward = out[torch.arange(out.shape[0], device=out.device), last, :hidden]
+        forward = out[rows, last, :hidden]  # out: [B, T, directions * H], zeros after the end
         if self.directions == 1:
-            return forward
-        return torch.cat([forward, out[:, 0, hidden:]], dim=1)  # backward state at position 0
+            return out, forward
+        return out, torch.cat([forward, out[:, 0, hidden:]], dim=1)  # backward at position 0
 
 
 class CellLoopCore(nn.Module):
@@ -88,44 +97,96 @@ class CellLoopCore(nn.Module):
     The loop is layer-major: layer i sees layer i-1's state at the same step, exactly as a
     time-major loop would, but each layer's input projection (x @ W_ih + b_ih) is done for all
     steps in one matmul, leaving only h @ W_hh inside the Python loop.
+
+    Bidirectional, as nn.RNN is: each layer also runs a second cell (cells_reverse) over each
+    sequence reversed within its own length, and the next layer reads both directions'
+    states side by side; the head's `last` is the forward direction's last state and the
+    backward direction's state at position 0.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        sizes = [cfg.embedding_dim] + [cfg.hidden_size] * (cfg.num_layers - 1)
-        self.cells = nn.ModuleList(
-            nn.RNNCell(n_in, cfg.hidden_size, nonlinearity=cfg.nonlinearity) for n_in in sizes
-        )
+        self.keep_states = cfg.pool != "last"  # the top layer's states, for the pooling
+        directions = 2 if cfg.bidirectional else 1
+        sizes = [cfg.embedding_dim] + [cfg.hidden_size * directions] * (cfg.num_layers - 1)
+
+        def cells() -> nn.ModuleList:
+            return nn.ModuleList(
+                nn.RNNCell(n_in, cfg.hidden_size, nonlinearity=cfg.nonlinearity) for n_in in sizes
+            )
+
+        self.cells = cells()
+        self.cells_reverse = cells() if cfg.bidirectional else None
         self.activation = torch.tanh if cfg.nonlinearity == "tanh" else torch.relu
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        batch, steps, _ = emb.shape
-        valid = torch.arange(steps, device=emb.device)[None, :] < lengths.to(emb.device)[:, None]
-        valid = valid.unsqueeze(-1)  # [B, T, 1]
-        x, last = emb, len(self.cells) - 1
+    def _run(self, cell: nn.RNNCell, x: torch.Tensor, valid: torch.Tensor, keep: bool):
+        """One direction of one layer: (every step's state or None, the last state)."""
+        # x @ W_ih + b_ih + b_hh for all steps at once; the loop adds only h @ W_hh.
+        projected = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
+        w_hh = cell.weight_hh.t()
+        h = x.new_zeros(x.shape[0], cell.hidden_size)
+        outputs = []
+        for t in range(x.shape[1]):
+            h_new = self.activation(torch.addmm(projected[:, t], h, w_hh))
+            h = torch.where(valid[:, t], h_new, h)  # h = m * h_new + (1 - m) * h, exactly
+            if keep:
+                outputs.append(h)
+        return (torch.stack(outputs, dim=1) if keep else None), h
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor):
+        steps = emb.shape[1]
+        lengths = lengths.to(emb.device)
+        positions = torch.arange(steps, device=emb.device)[None, :]
+        valid = (positions < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
+        # each sequence reversed within its length (padding stays put): its own inverse
+        flip = torch.where(
+            positions < lengths[:, None], lengths[:, None] - 1 - positions, positions
+        )
+        x, top = emb, len(self.cells) - 1
         for layer, cell in enumerate(self.cells):
             if layer:
                 x = self.dropout(x)
-            # x @ W_ih + b_ih + b_hh for all steps at once; the loop adds only h @ W_hh.
-            projected = F.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh)
-            w_hh = cell.weight_hh.t()
-            h = emb.new_zeros(batch, cell.hidden_size)
-            outputs = []
-            for t in range(steps):
-                h_new = self.activation(torch.addmm(projected[:, t], h, w_hh))
-                h = torch.where(valid[:, t], h_new, h)  # h = m * h_new + (1 - m) * h, exactly
-                if layer < last:
-                    outputs.append(h)
-            if layer < last:
-                x = torch.stack(outputs, dim=1)
-        return h
+            keep = layer < top or self.keep_states
+            states, h = self._run(cell, x, valid, keep)
+            if self.cells_reverse is not None:
+                index = flip.unsqueeze(-1)
+                backward = torch.gather(x, 1, index.expand(-1, -1, x.shape[2]))
+                back_states, h_back = self._run(self.cells_reverse[layer], backward, valid, keep)
+                h = torch.cat([h, h_back], dim=1)
+                if keep:
+                    back_states = torch.gather(back_states, 1, index.expand_as(back_states))
+                    states = torch.cat([states, back_states], dim=2)
+            x = states
+        return (x if self.keep_states else None), h
 
 
 def build_core(cfg: ModelConfig) -> nn.Module:
     """The recurrent core a variant name stands for (see rnnflow.variants.VARIANTS)."""
     kind = VARIANTS[cfg.variant].core
     return CellLoopCore(cfg) if kind == "rnn_cell" else TorchRNNCore(kind, cfg)
+
+
+class Pool(nn.Module):
+    """The sequence summary the head reads: last, mean, max or attention over valid steps."""
+
+    def __init__(self, kind: str, features: int):
+        super().__init__()
+        self.kind = kind
+        self.score = nn.Linear(features, 1) if kind == "attention" else None
+
+    def forward(self, states, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.kind == "last":
+            return last
+        steps = torch.arange(states.shape[1], device=states.device)
+        valid = (steps[None, :] < lengths.to(states.device)[:, None]).unsqueeze(-1)  # [B,T,1]
+        if self.kind == "mean":
+            total = torch.where(valid, states, torch.zeros_like(states)).sum(1)
+            return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
+        if self.kind == "max":
+            return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
+        scores = self.score(states).masked_fill(~valid, -torch.inf)  # [B, T, 1]
+        return (torch.softmax(scores, dim=1) * states).sum(1)
 
 
 class RNNClassifier(nn.Module):
@@ -135,13 +196,16 @@ class RNNClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
+        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
         self.core = build_core(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
+        self.pool = Pool(cfg.pool, features)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(features, cfg.num_classes)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.core(self.embedding(tokens), lengths)))
+        states, last = self.core(self.embedding_dropout(self.embedding(tokens)), lengths)
+        return self.head(self.dropout(self.pool(states, last, lengths)))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -158,8 +222,12 @@ def as_torch_rnn(model: RNNClassifier) -> RNNClassifier:
     twin = RNNClassifier(model.cfg)
     twin.core = TorchRNNCore("rnn", model.cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("core.")}
-    for i, cell in enumerate(model.core.cells):
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            state[f"core.rnn.{name}_l{i}"] = getattr(cell, name).detach().clone()
+    directions = [("", model.core.cells)]
+    if model.core.cells_reverse is not None:
+        directions.append(("_reverse", model.core.cells_reverse))
+    for suffix, cells in directions:
+        for i, cell in enumerate(cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                state[f"core.rnn.{name}_l{i}{suffix}"] = getattr(cell, name).detach().clone()
     twin.load_state_dict(state)
     return twin.to(next(model.parameters()).device).train(model.training)

@@ -32,7 +32,7 @@ from rnnflow.core.paths import checkpoint as checkpoint_path
 from rnnflow.data.text import file_hash
 from rnnflow.data.vocab import labels_path
 from rnnflow.model import checkpoint
-from rnnflow.model.network import CellLoopCore, RNNClassifier, TorchRNNCore
+from rnnflow.model.network import CellLoopCore, RNNClassifier, TorchRNNCore, as_torch_rnn
 from rnnflow.runtime import timeline
 from rnnflow.shipping.predict import BUNDLE_FILES, INT8_FILE
 from rnnflow.tracking import runs
@@ -89,30 +89,42 @@ class LoopRNNCore(nn.Module):
     """A unidirectional RNN (nn.RNN or RNNCell loop weights) as TorchScript time loops, for
     export: layer i computes h = act(x W_i + b_i + h U_i), padded steps keep h."""
 
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], relu: bool):
+    def __init__(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        relu: bool,
+        keep_states: bool = False,
+    ):
         super().__init__()
+        self.keep_states = keep_states  # the pooling reads the top layer's every state
         self.w = nn.ParameterList(nn.Parameter(w.t().contiguous()) for w, _, _ in layers)
         self.u = nn.ParameterList(nn.Parameter(u.t().contiguous()) for _, u, _ in layers)
         self.b = nn.ParameterList(nn.Parameter(b.clone()) for _, _, b in layers)
         self.relu = relu
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
         valid = (torch.arange(x.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1)
         n = len(self.w)
+        if self.keep_states:  # every layer's sequence, the top one's for the pooling
+            for i in range(n):
+                h, x = _rnn_layer(x @ self.w[i] + self.b[i], self.u[i], valid, self.relu)
+            return x, h
         for i in range(n - 2):
             _, x = _rnn_layer(x @ self.w[i] + self.b[i], self.u[i], valid, self.relu)
         if n >= 2:
             i = n - 2
             x = x @ self.w[i] + self.b[i]
             w2, b2, u2 = self.w[i + 1], self.b[i + 1], self.u[i + 1]
-            return _rnn_last_two(x, self.u[i], w2, b2, u2, valid, self.relu)
-        return _rnn_last(x @ self.w[0] + self.b[0], self.u[0], valid, self.relu)
+            return None, _rnn_last_two(x, self.u[i], w2, b2, u2, valid, self.relu)
+        return None, _rnn_last(x @ self.w[0] + self.b[0], self.u[0], valid, self.relu)
 
 
 def exportable(model: RNNClassifier) -> RNNClassifier:
     """The model to hand the exporter: LSTM/GRU and bidirectional RNNs on packed input (ONNX
     LSTM/GRU/RNN ops with sequence_lens: onnxruntime skips the padded steps), unidirectional
     plain RNNs and cell loops on LoopRNNCore."""
+    if isinstance(model.core, CellLoopCore) and model.cfg.bidirectional:
+        model = as_torch_rnn(model)  # the same function as a bidirectional nn.RNN, packed
     core = model.core
     if isinstance(core, TorchRNNCore) and (core.packed or not isinstance(core.rnn, nn.RNN)):
         twin = copy.deepcopy(model)
@@ -134,7 +146,8 @@ def exportable(model: RNNClassifier) -> RNNClassifier:
     )
     with torch.no_grad():
         detached = [tuple(t.detach().cpu() for t in layer) for layer in layers]
-        twin.core = LoopRNNCore(detached, model.cfg.nonlinearity == "relu")
+        relu, keep = model.cfg.nonlinearity == "relu", model.cfg.pool != "last"
+        twin.core = LoopRNNCore(detached, relu, keep)
     return twin
 
 

@@ -170,9 +170,11 @@ class Postgres:
                 ),
                 f"PostgreSQL start (log: {self.log})",
             )
-        self._create_database()
+        self.ensure_database(DATABASE)
 
-    def _create_database(self) -> None:
+    def ensure_database(self, name: str) -> None:
+        """Create database `name` in the running cluster unless it exists (MLflow's, or the
+        search's `optuna`)."""
         import psycopg
 
         deadline = time.monotonic() + 30
@@ -191,9 +193,9 @@ class Postgres:
                     raise RnnflowError(f"PostgreSQL on 127.0.0.1:{self.port}: {err}") from err
                 time.sleep(0.3)
         with conn, conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
-                cur.execute(f"CREATE DATABASE {DATABASE}")
+                cur.execute(f"CREATE DATABASE {name}")
 
     def stop(self) -> None:
         if (self.data / "PG_VERSION").exists() and self.running():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -65,6 +66,8 @@ def run_epoch(
     desc="",
     world: World = SINGLE,
     precision: str = "fp32",
+    label_smoothing: float = 0.0,
+    lr_at: Callable[[int], float] | None = None,
 ) -> EpochResult:
     """One pass over `loader`; trains when an optimizer is given, else only evaluates.
     precision bf16 (CUDA) computes the forward pass under bf16 autocast; the weights, their
@@ -75,6 +78,10 @@ def run_epoch(
     gradient of the batch mean. Evaluation gives whole batches to ranks in turn. Per-batch
     sums are added across ranks, then in batch order, so the result is the same however
     many ranks compute it.
+
+    Training minimises the cross-entropy against labels smoothed by `label_smoothing`; the
+    loss reported is always the plain cross-entropy, so runs stay comparable. `lr_at(i)`,
+    when given, sets the learning rate before batch i's step (a schedule).
     """
     training = optimizer is not None
     model.train(training)
@@ -100,9 +107,18 @@ def run_epoch(
             loss = loss_fn(logits.float(), y)
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                objective = loss / (batch_size / world.size)  # = loss / len(y) on one rank
+                if label_smoothing:
+                    smooth = F.cross_entropy(
+                        logits.float(), y, reduction="sum", label_smoothing=label_smoothing
+                    )
+                else:
+                    smooth = loss
+                objective = smooth / (batch_size / world.size)  # = mean over len(y) on one rank
                 (objective if counted else objective * 0.0).backward()
                 norms.append(nn.utils.clip_grad_norm_(model.parameters(), clip_norm, foreach=True))
+                if lr_at is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(i)
                 optimizer.step()
             if counted:
                 on_device[i, 0] = loss.detach()
@@ -262,13 +278,38 @@ class TrainState:
         return cls(**fields)
 
 
+def learning_rate(settings: TrainParams, step: int, total: int) -> float:
+    """The learning rate at training step `step` (0-based) of `total`: train.lr throughout
+    (constant), or (cosine) a linear warm-up over the first train.warmup share of the steps,
+    then a cosine decay to 0 at the last planned step (early stopping may end sooner)."""
+    if settings.schedule == "constant":
+        return settings.lr
+    warm = max(1, round(settings.warmup * total))
+    if step < warm:
+        return settings.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_schedule(settings: TrainParams, first: int, total: int) -> Callable | None:
+    """run_epoch's lr_at for the epoch whose first step is `first`; None when constant."""
+    if settings.schedule == "constant":
+        return None
+    return lambda i: learning_rate(settings, first + i, total)
+
+
 def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
     """Train from `state` until train.epochs, or until train.patience epochs pass without a
-    lower validation loss; after every epoch call on_epoch(state, training result)."""
+    lower validation loss; after every epoch call on_epoch(state, training result). The
+    learning rate is a function of the step alone, so a resumed run follows the same one."""
+    settings = trainer.settings
+    steps = len(trainer.train_loader)
     for epoch in range(state.epoch + 1, trainer.settings.epochs + 1):
         if state.bad_epochs >= trainer.settings.patience:
             break
         trainer.train_loader.batch_sampler.set_epoch(epoch)
+        schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
+
         tr = run_epoch(
             trainer.model,
             trainer.train_loader,
@@ -278,6 +319,8 @@ def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
             desc=f"{trainer.variant} epoch {epoch}",
             world=trainer.world,
             precision=trainer.settings.precision,
+            label_smoothing=settings.label_smoothing,
+            lr_at=schedule,
         )
         va = run_epoch(trainer.module, trainer.val_loader, trainer.device, world=trainer.world)
         state = _next_state(state, epoch, tr, va, trainer)
@@ -495,6 +538,20 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
             result = ledger.finish(state)
         ledger.done()
     return result
+
+
+def train_in_memory(
+    params: Params, variant: str, on_epoch: Callable, packed_dir: Path = PACKED
+) -> TrainState:
+    """Train one variant on one process with no files and no tracking of its own: the same
+    seeded model, loop and early stopping as train@VARIANT, for callers that keep their
+    own record (the search's trials). on_epoch(state, training result) after every epoch
+    may raise to stop the run (a pruned trial)."""
+    device = host.setup(params.seed)
+    trainer = Trainer.build(params, variant, packed_dir, device, SINGLE)
+    state = TrainState()
+    trainer.start(state, params.seed)
+    return fit(trainer, state, on_epoch)
 
 
 def _launch(params: Params, variant: str, packed_dir: Path) -> dict:

@@ -1,0 +1,102 @@
+"""The Optuna search: trials train with the pipeline's loop, report every epoch, are pruned,
+are MLflow runs nested under the study's run, and the study is reproducible and resumable.
+(Two processes on one PostgreSQL study: tests/pipeline/test_experiments.py.)"""
+
+import json
+
+import mlflow
+import optuna
+import pytest
+
+from rnnflow.core.config import load_params
+from rnnflow.tools import search
+
+from ..conftest import small_params, write_params
+
+
+@pytest.fixture
+def searchable(workspace):
+    raw = small_params()
+    raw["model"]["defaults"] |= {"embedding_dim": 16}
+    write_params(workspace, raw)
+    return workspace
+
+
+def nested_runs(parent_id: str) -> list:
+    return mlflow.search_runs(
+        experiment_names=["rnnflow"],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+
+
+def test_a_study_records_every_trial_and_the_best(searchable, monkeypatch):
+    monkeypatch.setattr(
+        search, "SPACE", search.SPACE | {"model.defaults.hidden_size": ("categorical", [8, 16])}
+    )
+    storage = f"sqlite:///{searchable}/optuna.db"
+    report = search.search("rnn", trials=5, timeout=300, epochs=2, storage=storage, study_name="s")
+    assert len(report["trials"]) == 5 and sum(report["counts"].values()) == 5
+    complete = [r for r in report["trials"] if r["state"] == "COMPLETE"]
+    best = min(complete, key=lambda r: r["val_loss"])
+    assert report["best"]["number"] == best["number"]
+    assert report["best"]["options"] == best["options"]
+    assert set(best["options"]) == set(search.SPACE)
+    assert json.loads((searchable / "reports/search.json").read_text()) == report
+    assert f"Best: trial {best['number']}" in (searchable / "reports/search.md").read_text()
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(report["mlflow_run_id"])
+    assert parent.data.tags["rnnflow.kind"] == "search"
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(best["val_loss"])
+    trials = {int(r.data.tags["optuna.trial"]): r for r in nested_runs(parent.info.run_id)}
+    assert sorted(trials) == [r["number"] for r in report["trials"]]
+    for row in report["trials"]:
+        run = trials[row["number"]]
+        assert run.data.tags["optuna.state"] == row["state"]
+        assert run.data.params["model.defaults.pool"] == row["options"]["model.defaults.pool"]
+        curve = client.get_metric_history(run.info.run_id, "val_loss")
+        assert [m.step for m in curve] == list(range(1, len(curve) + 1))  # one per epoch
+        assert curve[-1].value == pytest.approx(row["val_loss"]) or row["state"] == "COMPLETE"
+        if row["state"] == "COMPLETE":
+            assert min(m.value for m in curve) == pytest.approx(row["val_loss"])
+
+    # the same study name continues the study; the same seed samples the same options
+    again = search.search("rnn", trials=1, timeout=300, epochs=2, storage=storage, study_name="s")
+    assert len(again["trials"]) == 6
+    fresh = search.search("rnn", trials=1, timeout=300, epochs=2, storage=storage, study_name="t")
+    assert fresh["trials"][0]["options"] == report["trials"][0]["options"]
+    assert fresh["trials"][0]["val_loss"] == report["trials"][0]["val_loss"]  # reproducible
+
+    command = search.experiment_command(report)
+    assert command[:6] == ["dvc", "exp", "run", "--temp", "--name", "search-s"]
+    assert command.count("-S") == len(search.SPACE)
+
+
+def test_a_pruned_trial_stops_early_and_says_so(searchable):
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            return True
+
+    base = json.loads(load_params().model_dump_json())
+    study = optuna.create_study(direction="minimize", pruner=Always())
+    with mlflow.start_run(run_name="parent") as parent:
+        study.optimize(search.objective(base, "rnn", epochs=3), n_trials=1)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED and list(trial.intermediate_values) == [1]
+    (run,) = nested_runs(parent.info.run_id)
+    assert run.data.tags["optuna.state"] == "PRUNED"
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 1
+
+
+def test_the_search_refuses_what_it_cannot_run(searchable, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        search.main(["--variant", "nosuch", "--no-experiment"])
+    assert stopped.value.code == 2
+    assert "model.variants has no variant 'nosuch'" in capsys.readouterr().err
+    (searchable / "data/packed/train.npz").unlink()
+    with pytest.raises(SystemExit):
+        search.main(["--no-experiment"])
+    assert capsys.readouterr().err.strip() == (
+        "search: error: data/packed/train.npz: missing; `dvc repro pack` writes it"
+    )
