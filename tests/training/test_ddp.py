@@ -240,7 +240,7 @@ def _train_every_variant() -> dict:
 
 @pytest.mark.slow
 def test_every_variant_trains_under_ddp(workspace):
-    write_params(workspace, small_params(train={"epochs": 2}))
+    write_params(workspace, small_params(train={"epochs": 2, "lr": 0.01}))  # see repo_copy
     results = distributed.launch(2, _train_every_variant, name="test")
     assert set(results) == set(VARIANTS)
     for variant in VARIANTS:
