@@ -82,10 +82,8 @@ def storage_url(explicit: str | None, server_dir: Path = SERVER_DIR) -> tuple[st
     server, _ = TeamServer.from_state(server_dir)
     if server.postgres.running():
         server.postgres.ensure_database("optuna")
-        uri = server.postgres.uri.rsplit("/", 1)[0].replace(
-            "postgresql://", "postgresql+psycopg://"
-        )
-        return f"{uri}/optuna", f"the team server's PostgreSQL (127.0.0.1:{server.pg_port})"
+        url = server.postgres.database_uri("optuna", driver="postgresql+psycopg")
+        return url, f"the team server's PostgreSQL (127.0.0.1:{server.pg_port})"
     SEARCH_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{SEARCH_DIR.resolve()}/optuna.db", str(SEARCH_DIR / "optuna.db")
 

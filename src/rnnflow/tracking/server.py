@@ -90,7 +90,11 @@ class Postgres:
 
     @property
     def uri(self) -> str:
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{DATABASE}"
+        return self.database_uri(DATABASE)
+
+    def database_uri(self, name: str, driver: str = "postgresql") -> str:
+        """SQLAlchemy URL of database `name` (MLflow's, or the search's `optuna`)."""
+        return f"{driver}://{PG_USER}@127.0.0.1:{self.port}/{name}"
 
     @property
     def log(self) -> Path:
