@@ -88,6 +88,22 @@ def storage_url(explicit: str | None, server_dir: Path = SERVER_DIR) -> tuple[st
     return f"sqlite:///{SEARCH_DIR.resolve()}/optuna.db", str(SEARCH_DIR / "optuna.db")
 
 
+def rdb_storage(url: str, attempts: int = 5):
+    """Optuna's RDB storage at `url`. Machines that start one study at the same moment race
+    to create its tables in a fresh database (PostgreSQL: "type ... already exists"); the
+    loser retries and finds them made."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+
+
 def objective(base: dict, variant: str, epochs: int):
     """The study's objective: train with a trial's options, log it, return its best
     validation loss; report each epoch's validation loss and prune on it."""
@@ -149,7 +165,7 @@ def search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=name,
-        storage=url,
+        storage=rdb_storage(url),
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=params.seed),
         # never before epoch 2: a warm-up schedule's first epoch says little
