@@ -175,3 +175,39 @@ def test_off_means_every_stage_runs_in_its_own_process(tmp_path, server_env):
         text=True,
     )
     assert "not running" in status.stdout  # and none was started
+
+
+def test_a_long_tmpdir_still_gets_a_server(tmp_path):
+    """A Unix socket's path holds at most 107 bytes: under a longer TMPDIR the socket moves
+    to a private folder under /tmp, one per TMPDIR, and stages are still served warm."""
+    import json
+
+    long = tmp_path / ("t" * 60) / ("m" * 60)
+    long.mkdir(parents=True)
+    env = os.environ | {
+        "TMPDIR": str(long),
+        "RNNFLOW_STAGE_SERVER": "1",
+        "RNNFLOW_STAGE_SERVER_IDLE": "60",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    env.pop("RNNFLOW_STAGE_CHILD", None)
+    status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
+    where = subprocess.run(status, env=env, cwd=REPO / "src", capture_output=True, text=True)
+    path = where.stdout.split("(")[-1].rstrip(")\n")
+    assert len(os.fsencode(path)) < 108 and path.startswith(f"/tmp/rnnflow-{os.getuid()}/")
+    assert os.stat(Path(path).parent).st_mode & 0o777 == 0o700
+    other = subprocess.run(
+        status,
+        env=env | {"TMPDIR": str(long.parent)},
+        cwd=REPO / "src",
+        capture_output=True,
+        text=True,
+    )
+    assert path not in other.stdout  # another TMPDIR, another server
+    try:
+        a = checkout(tmp_path / "a", "long")
+        warm(a, env)
+        report = json.loads(probe(a, env).stdout.splitlines()[0])
+        assert report["child"] == "1" and report["marker"] == "long"
+    finally:
+        subprocess.run(status[:-1] + ["stop"], env=env, cwd=REPO / "src")

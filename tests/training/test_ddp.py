@@ -290,21 +290,25 @@ def test_two_machines_joined_by_torchrun_only_rank_0_writes(data_workspace, tmp_
     assert (nodes[0] / "models/rnn_cell_deep/checkpoint.pt").exists()
 
 
-def _wait_in_group():
-    with distributed.joined(torch.device("cpu")):
+def _wait_in_group(ready: str):
+    with distributed.joined(torch.device("cpu")) as world:
+        (Path(ready) / f"rank-{world.rank}").touch()
         time.sleep(300)
 
 
 @pytest.mark.slow
-def test_ranks_end_with_their_launcher():
+def test_ranks_end_with_their_launcher(tmp_path):
     """kill -9 of the launching process (the stage) leaves no rank running on."""
     code = "from rnnflow.training import distributed; "
     code += "from tests.training.test_ddp import _wait_in_group as f; "
-    code += "distributed.launch(2, f, name='t')"
+    code += f"distributed.launch(2, f, {str(tmp_path)!r}, name='t')"
     launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(ranks := _ranks(launcher)) < 2 and time.monotonic() < deadline:
+    # kill it once both ranks are in the group (a loaded machine may take many seconds to
+    # import torch in a fresh rank; until its first line runs, a rank cannot end with anyone)
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("rank-*"))) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
+    ranks = _ranks(launcher)
     assert len(ranks) == 2
     launcher.kill()
     launcher.wait()

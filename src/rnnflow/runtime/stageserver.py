@@ -37,6 +37,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -106,8 +107,28 @@ def socket_path() -> Path:
             hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         ]
     )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(os.environ.get("TMPDIR", "/tmp")) / f"rnnflow-stages-{os.getuid()}-{digest}.sock"
+    folder = Path(os.environ.get("TMPDIR", "/tmp"))
+    digest = hashlib.sha256(f"{key}|{folder}".encode()).hexdigest()[:16]
+    path = folder / f"rnnflow-stages-{os.getuid()}-{digest}.sock"
+    if len(os.fsencode(path)) < _SUN_PATH_MAX:
+        return path
+    # A long TMPDIR: a Unix socket's path holds at most 107 bytes, so the socket goes to a
+    # private folder of this user's under /tmp, still one per TMPDIR (it is in the digest).
+    return _private_folder(Path("/tmp") / f"rnnflow-{os.getuid()}") / f"stages-{digest}.sock"
+
+
+_SUN_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, the terminating NUL included
+
+
+def _private_folder(folder: Path) -> Path:
+    """folder, created 0700 if missing; refused unless this user owns it and nobody else
+    may enter it (another user could otherwise stand in for the server)."""
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = folder.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{folder}: not a private folder of this user's; remove it")
+    return folder
 
 
 # ------------------------------------------------------------------------------ the client
@@ -120,7 +141,10 @@ def hand_over(module: str) -> None:
     if os.environ.get(ENABLED, "1") == "0" or os.environ.get(CHILD):
         return
     os.environ.setdefault(T0, f"{process_start_time():.3f}")
-    path = socket_path()
+    try:
+        path = socket_path()
+    except OSError:
+        return  # no safe place for the socket: run cold
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect(str(path))
@@ -424,7 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     """`serve` (started by the first stage), `status`, `stop`."""
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "status"
-    path = socket_path()
+    try:
+        path = socket_path()
+    except OSError as err:
+        print(f"python -m rnnflow.runtime.stageserver: error: {err}", file=sys.stderr)
+        return 1
     if command == "serve":
         return serve(float(os.environ.get(IDLE, "120")))
     if command not in ("status", "stop") or len(args) > 1:
