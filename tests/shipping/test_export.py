@@ -18,7 +18,7 @@ from rnnflow.core.errors import RnnflowError
 from rnnflow.core.metrics import classification_report
 from rnnflow.shipping.export import export_bundle, export_onnx
 from rnnflow.shipping.predict import Predictor
-from rnnflow.shipping.validate import check_parity, validate_bundle
+from rnnflow.shipping.validate import _logits_fn, check_parity, validate_bundle
 from rnnflow.training.train import train_variant
 
 from ..conftest import REPO, VARIANTS, small_params, write_params
@@ -111,13 +111,7 @@ def test_gate_fails_on_a_perturbed_model(tmp_path):
 def _float64(model):
     import copy
 
-    exact = copy.deepcopy(model).double()
-
-    def exact_fn(batch):
-        with torch.no_grad():
-            return exact(torch.from_numpy(batch[0]), torch.from_numpy(batch[1])).numpy()
-
-    return exact_fn
+    return _logits_fn(copy.deepcopy(model).double())
 
 
 def test_gate_allows_what_float32_rounding_itself_does(tmp_path):

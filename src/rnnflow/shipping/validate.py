@@ -165,24 +165,18 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
         checkpoint_path(variant), file_hash(bundle_dir(variant) / "tokenizer.json")
     )
 
-    exact = copy.deepcopy(model).double()  # the reference for float32 rounding
-
-    @torch.no_grad()
-    def torch_fn(batch: Batch, model: torch.nn.Module = model) -> np.ndarray:
-        return model(torch.from_numpy(batch[0]), torch.from_numpy(batch[1])).numpy()
-
     def onnx_fn(batch: Batch) -> np.ndarray:
         return predictor.logits(*batch)
 
     test = PackedSplit.load(packed_dir / "test.npz")
     cases = parity_cases(test, params.pack.batch_size, params.pack.max_len)
     report = check_parity(
-        torch_fn,
+        _logits_fn(model),
         onnx_fn,
         cases,
         params.parity.atol,
         params.parity.rtol,
-        exact_fn=lambda batch: torch_fn(batch, exact),
+        exact_fn=_logits_fn(copy.deepcopy(model).double()),  # the reference for rounding
         noise_factor=params.parity.noise_factor,
     )
     if not report["passed"]:
@@ -202,6 +196,16 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
     write_json(metrics_file("validate", variant), report)
     write_json(metrics_file("timing", f"validate_{variant}"), timing)
     return report | {"timing": timing}
+
+
+def _logits_fn(model: torch.nn.Module) -> Callable[[Batch], np.ndarray]:
+    """The PyTorch model as a function of a numpy batch, in the model's own precision."""
+
+    @torch.no_grad()
+    def logits(batch: Batch) -> np.ndarray:
+        return model(torch.from_numpy(batch[0]), torch.from_numpy(batch[1])).numpy()
+
+    return logits
 
 
 def _fail(variant: str, run_id: str | None, report: dict, params: Params) -> None:
