@@ -50,17 +50,23 @@ def server_env(tmp_path):
     """A private server (its socket under a private TMPDIR), stopped afterwards."""
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
+    env = _server_env(tmp)
+    yield env
+    subprocess.run(
+        [sys.executable, "-m", "rnnflow.runtime.stageserver", "stop"], env=env, cwd=REPO / "src"
+    )
+
+
+def _server_env(tmpdir: Path) -> dict:
+    """This environment with the stage server on, idling 60 s, its socket under tmpdir."""
     env = os.environ | {
-        "TMPDIR": str(tmp),
+        "TMPDIR": str(tmpdir),
         "RNNFLOW_STAGE_SERVER": "1",
         "RNNFLOW_STAGE_SERVER_IDLE": "60",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     env.pop("RNNFLOW_STAGE_CHILD", None)
-    yield env
-    subprocess.run(
-        [sys.executable, "-m", "rnnflow.runtime.stageserver", "stop"], env=env, cwd=REPO / "src"
-    )
+    return env
 
 
 def probe(cwd: Path, env: dict, *args: str, **kw) -> subprocess.CompletedProcess:
@@ -184,13 +190,7 @@ def test_a_long_tmpdir_still_gets_a_server(tmp_path):
 
     long = tmp_path / ("t" * 60) / ("m" * 60)
     long.mkdir(parents=True)
-    env = os.environ | {
-        "TMPDIR": str(long),
-        "RNNFLOW_STAGE_SERVER": "1",
-        "RNNFLOW_STAGE_SERVER_IDLE": "60",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    env.pop("RNNFLOW_STAGE_CHILD", None)
+    env = _server_env(long)
     status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
     where = subprocess.run(status, env=env, cwd=REPO / "src", capture_output=True, text=True)
     path = where.stdout.split("(")[-1].rstrip(")\n")
