@@ -103,8 +103,10 @@ def _init_lock(uri: str) -> Iterator[None]:
 def configure() -> str:
     """Point MLflow at the store (see tracking_uri) and the project experiment.
 
-    An unreachable server is an error within seconds, not a silent fallback: runs would
-    otherwise land somewhere the team does not look.
+    An unreachable server is an error, not a silent fallback: runs would otherwise land
+    somewhere the team does not look. A refused connection fails at once (no retries); a
+    server that accepts but answers slowly (a busy 2-core machine running two experiments
+    beside it took more than 5 s once) gets MLFLOW_HTTP_REQUEST_TIMEOUT, 30 s by default.
     """
     with timeline.tracking():
         return _configure()
@@ -112,7 +114,7 @@ def configure() -> str:
 
 def _configure() -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     import mlflow
     from mlflow.exceptions import MlflowException
 
