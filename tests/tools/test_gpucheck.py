@@ -55,3 +55,16 @@ def test_a_copy_of_the_project_runs_its_own_params(tmp_path):
     assert params["model"]["defaults"]["dropout"] == 0.2  # merged, not replaced
     assert (project / "stages/train.py").is_file() and (project / "src/rnnflow").is_dir()
     assert "no_scm = true" in (project / ".dvc/config").read_text()
+
+
+def test_a_skipped_step_runs_nothing_and_finds_nothing(tmp_path):
+    check = gpucheck.Check(tmp_path, budget=60, report=tmp_path / "report", skip={"bench"})
+    marker = tmp_path / "ran"
+    step = check.run("bench", [sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    check.note("bench", summary="gru 1 tok/s")
+    assert step == {"command": step["command"], "exit": "skipped (--skip)"}
+    assert not marker.exists()
+    ran = check.run("data", [sys.executable, "-c", "print('data ran')"])
+    assert ran["exit"] == 0 and "data ran" in ran["tail"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| bench | skipped (--skip) | - |  |" in report and "| data | 0 |" in report

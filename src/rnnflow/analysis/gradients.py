@@ -143,7 +143,7 @@ def decay_per_step(mean_log10: np.ndarray, count: np.ndarray) -> float | None:
 
 def gradient_flow(params: Params, variant: str, packed_dir: Path = PACKED) -> dict:
     """Measure the trained checkpoint and the same architecture at initialisation."""
-    host.setup(params.seed)
+    host.setup(params.seed, cuda=False)  # small unrolled steps: the CPU, as on every machine
     model, payload = checkpoint.load_model(
         checkpoint_path(variant), file_hash(TOKENIZER_DIR / "tokenizer.json")
     )

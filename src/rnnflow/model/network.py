@@ -139,10 +139,12 @@ class CellLoopCore(nn.Module):
         lengths = lengths.to(emb.device)
         positions = torch.arange(steps, device=emb.device)[None, :]
         valid = (positions < lengths[:, None]).unsqueeze(-1)  # [B, T, 1]
-        # each sequence reversed within its length (padding stays put): its own inverse
-        flip = torch.where(
-            positions < lengths[:, None], lengths[:, None] - 1 - positions, positions
-        )
+        if self.cells_reverse is not None:
+            # each sequence reversed within its length (padding stays put): its own inverse
+            flip = torch.where(
+                positions < lengths[:, None], lengths[:, None] - 1 - positions, positions
+            )
+            index = flip.unsqueeze(-1)
         x, top = emb, len(self.cells) - 1
         for layer, cell in enumerate(self.cells):
             if layer:
@@ -150,7 +152,6 @@ class CellLoopCore(nn.Module):
             keep = layer < top or self.keep_states
             states, h = self._run(cell, x, valid, keep)
             if self.cells_reverse is not None:
-                index = flip.unsqueeze(-1)
                 backward = torch.gather(x, 1, index.expand(-1, -1, x.shape[2]))
                 back_states, h_back = self._run(self.cells_reverse[layer], backward, valid, keep)
                 h = torch.cat([h, h_back], dim=1)

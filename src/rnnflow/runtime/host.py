@@ -8,18 +8,20 @@ import numpy as np
 import torch
 
 
-def setup(seed: int) -> torch.device:
+def setup(seed: int, cuda: bool = True) -> torch.device:
     """Seed every RNG, make kernels deterministic, set threads; return the device to use.
 
     Threads: see threads(). CUDA is used when present unless RNNFLOW_DEVICE says otherwise
-    (e.g. RNNFLOW_DEVICE=cpu); on CUDA, deterministic algorithms are switched on.
+    (e.g. RNNFLOW_DEVICE=cpu); on CUDA, deterministic algorithms are switched on. A stage
+    that computes on the CPU alone passes cuda=False: it never starts CUDA (a second or more
+    per process on a GPU machine).
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if count := threads():
         torch.set_num_threads(count)
-    chosen = device()
+    chosen = device() if cuda else torch.device("cpu")
     if chosen.type == "cuda":
         # CPU kernels used here are deterministic already; the switch costs ~3 s of imports.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

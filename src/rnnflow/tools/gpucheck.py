@@ -17,10 +17,12 @@ that fails or hangs is recorded and the check goes on to the next:
 8. bench_cpu: the same bench on this machine's CPU, for the GPU-vs-CPU table.
 The report (reports/gpu_check.{json,md}) is rewritten after every step, so a run killed from
 outside still leaves what it measured. Steps share --budget seconds: a step gets at most what
-is left. RNNFLOW_DEVICE=cpu runs it all on the CPU (`--quick`: a small sample and model), the
-smoke test CI runs.
+is left. `--skip bench,torchrun` leaves steps out; `--keep DIR` leaves the project copy (its
+checkpoints, metrics, timeline) in DIR. RNNFLOW_DEVICE=cpu runs it all on the CPU (`--quick`:
+a small sample and model), the smoke test CI runs.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -50,7 +52,7 @@ PROJECT_DIRS = ("stages", "src", "data/input")
 TIMEOUTS = {
     "device": 60,
     "data": 90,
-    "pipeline": 200,
+    "pipeline": 360,
     "torchrun": 90,
     "refuse": 60,
     "bench": 100,
@@ -119,8 +121,8 @@ def merge(base: dict, extra: dict) -> dict:
 class Check:
     """The steps run so far and what they found; written out after every step."""
 
-    def __init__(self, project: Path, budget: float, report: Path):
-        self.project, self.report = project, report
+    def __init__(self, project: Path, budget: float, report: Path, skip: frozenset = frozenset()):
+        self.project, self.report, self.skip = project, report, skip
         self.deadline = time.monotonic() + budget
         self.steps: dict[str, dict] = {}
 
@@ -131,8 +133,9 @@ class Check:
         env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)} | (env or {})
         left = self.deadline - time.monotonic()
         limit = min(TIMEOUTS[name], left)
-        if left < 5:
-            self.steps[name] = {"command": " ".join(cmd), "exit": "skipped (no time left)"}
+        if name in self.skip or left < 5:
+            why = "--skip" if name in self.skip else "no time left"
+            self.steps[name] = {"command": " ".join(cmd), "exit": f"skipped ({why})"}
             self.write()
             return self.steps[name]
         start = time.monotonic()
@@ -164,7 +167,10 @@ class Check:
         return self.steps[name]
 
     def note(self, name: str, **found) -> None:
-        """Add what a step found (numbers read from its outputs) and rewrite the report."""
+        """Add what a step found (numbers read from its outputs) and rewrite the report; a
+        skipped step found nothing."""
+        if str(self.steps[name]["exit"]).startswith("skipped"):
+            return
         self.steps[name].update(found)
         self.write()
 
@@ -189,12 +195,21 @@ def to_markdown(steps: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def gpu_check(root: Path, budget: float, quick: bool, report: Path) -> dict:
-    """Run every step in a fresh copy of the project at `root`; return the steps."""
+def gpu_check(
+    root: Path,
+    budget: float,
+    quick: bool,
+    report: Path,
+    skip: frozenset = frozenset(),
+    keep: Path | None = None,
+) -> dict:
+    """Run every step not in `skip` in a fresh copy of the project at `root` (at `keep`, left
+    there, when given); return the steps."""
     python, dvc = sys.executable, [sys.executable, "-m", "dvc"]
-    with tempfile.TemporaryDirectory(prefix="rnnflow-gpu-check-") as tmp:
-        project = copy_project(root, Path(tmp) / "rnnflow", QUICK if quick else {})
-        check = Check(project, budget, report)
+    with tempfile.TemporaryDirectory(prefix="rnnflow-gpu-check-") as scratch:
+        tmp = keep or Path(scratch)
+        project = copy_project(root, tmp / "rnnflow", QUICK if quick else {})
+        check = Check(project, budget, report, skip)
 
         step = check.run("device", [python, "-c", PROBE])
         device = _last_json_line(step.get("tail", ""))
@@ -226,7 +241,7 @@ def gpu_check(root: Path, budget: float, quick: bool, report: Path) -> dict:
         expected = on_gpu and device.get("gpus", 0) < 2
         check.note("refuse", refused=refused, ok=refused or not expected, summary=last[:160])
 
-        records = Path(tmp) / "timeline"
+        records = tmp / "timeline"
         step = check.run("pipeline", [*dvc, "repro"], env={RECORDS: str(records)})
         stages = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
         run = Run("warm", step.get("seconds", 0), sorted(stages, key=lambda s: s["started"]))
@@ -274,6 +289,20 @@ def gpu_check(root: Path, budget: float, quick: bool, report: Path) -> dict:
     return check.steps
 
 
+# Every step but `device` (what the others are judged against) can be left out.
+SKIPPABLE = tuple(name for name in TIMEOUTS if name != "device")
+
+
+def step_names(text: str) -> frozenset:
+    """--skip's value: step names separated by commas, each one of SKIPPABLE."""
+    names = frozenset(n.strip() for n in text.split(",") if n.strip())
+    if not names or not names <= set(SKIPPABLE):
+        raise argparse.ArgumentTypeError(
+            f"expected step names from {','.join(SKIPPABLE)}, got {text!r}"
+        )
+    return names
+
+
 def _bench_summary(results: dict) -> str:
     return ", ".join(
         f"{v} {r['train_tokens_per_s']:,.0f} tok/s" for v, r in results.get("variants", {}).items()
@@ -298,12 +327,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--out", type=non_empty, default=str(REPORTS / "gpu_check"), help="report path stem"
     )
+    parser.add_argument(
+        "--skip",
+        type=step_names,
+        default=frozenset(),
+        help=f"steps not to run, comma-separated: {','.join(SKIPPABLE)}",
+    )
+    parser.add_argument(
+        "--keep", type=non_empty, help="make the project copy here and leave it (a new folder)"
+    )
     args = parser.parse_args(argv)
 
     def run() -> None:
         if not 0 < args.budget <= 86400:
             raise RnnflowError(f"--budget: expected seconds in (0, 86400], got {args.budget:g}")
-        steps = gpu_check(Path.cwd(), args.budget, args.quick, Path(args.out).resolve())
+        keep = Path(args.keep).resolve() if args.keep else None
+        if keep and keep.exists():
+            raise RnnflowError(f"--keep: {keep} already exists (give a new folder)")
+        out = Path(args.out).resolve()
+        steps = gpu_check(Path.cwd(), args.budget, args.quick, out, args.skip, keep)
         print(to_markdown(steps))
 
     run_cli(run, "gpu-check")

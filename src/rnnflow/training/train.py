@@ -304,21 +304,20 @@ def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
     learning rate is a function of the step alone, so a resumed run follows the same one."""
     settings = trainer.settings
     steps = len(trainer.train_loader)
-    for epoch in range(state.epoch + 1, trainer.settings.epochs + 1):
-        if state.bad_epochs >= trainer.settings.patience:
+    for epoch in range(state.epoch + 1, settings.epochs + 1):
+        if state.bad_epochs >= settings.patience:
             break
         trainer.train_loader.batch_sampler.set_epoch(epoch)
         schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
-
         tr = run_epoch(
             trainer.model,
             trainer.train_loader,
             trainer.device,
             trainer.optimizer,
-            trainer.settings.clip_norm,
+            settings.clip_norm,
             desc=f"{trainer.variant} epoch {epoch}",
             world=trainer.world,
-            precision=trainer.settings.precision,
+            precision=settings.precision,
             label_smoothing=settings.label_smoothing,
             lr_at=schedule,
         )
