@@ -2,8 +2,10 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,6 +99,56 @@ def run(cmd: str, cwd: Path, env: dict | None = None, check: bool = True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_queue(repo: Path, env: dict | None = None, workers: int = 2) -> None:
+    """`dvc queue start -j N` with its output in a file, not a pipe: the workers it leaves
+    running inherit its output, and a pipe would keep us waiting until the last one exits.
+    Seen in CI: a celery worker logged "done" after its queue drained and never exited."""
+    log = repo / ".dvc/tmp/queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    merged = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    merged = {k: v for k, v in (merged | (env or {})).items() if v is not None}
+    with log.open("w") as out:
+        status = subprocess.run(
+            f"dvc queue start -j {workers}",
+            cwd=repo,
+            env=merged,
+            shell=True,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        ).returncode
+    assert status == 0, f"dvc queue start failed ({status}):\n{log.read_text()}"
+
+
+def end_queue_workers(repo: Path, grace: float = 30) -> list[int]:
+    """After the queue of `repo` drained: give its DVC workers `grace` seconds to exit, then
+    SIGKILL those that did not (see start_queue); return the pids that had to be killed."""
+    pids = []
+    for path in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            pids.append(int(path.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    deadline = time.monotonic() + grace
+    alive = [pid for pid in pids if _running(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [pid for pid in alive if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+def _running(pid: int) -> bool:
+    """A live process (not a zombie) with this pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def make_repo_copy(dest: Path, raw_params: dict) -> Path:

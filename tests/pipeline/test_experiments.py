@@ -18,7 +18,16 @@ import torch
 
 from rnnflow.tracking.server import TeamServer, free_port
 
-from ..conftest import REPO, make_repo_copy, run, small_params, tracking_at, write_params
+from ..conftest import (
+    REPO,
+    end_queue_workers,
+    make_repo_copy,
+    run,
+    small_params,
+    start_queue,
+    tracking_at,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 # Two experiments x (variants + leaderboard) runs each; fewer variants keep CI in budget
@@ -40,7 +49,7 @@ def _queue_two_and_wait(repo: Path, env: dict, timeout: float = 900) -> list[str
     missing .tmp file in .dvc/cache/runs)."""
     run("dvc repro pack", repo, env)
     run("dvc exp run --queue -S 'model.defaults.hidden_size=16,24'", repo, env)
-    run("dvc queue start -j 2", repo, env, stdin=subprocess.DEVNULL)
+    start_queue(repo, env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = run("dvc queue status", repo, env).stdout
@@ -49,6 +58,7 @@ def _queue_two_and_wait(repo: Path, env: dict, timeout: float = 900) -> list[str
         time.sleep(3)
     else:
         raise AssertionError(f"queue did not finish in {timeout:.0f} s:\n{status}")
+    end_queue_workers(repo)
     assert status.count("Success") == 2, status
     shown = json.loads(run("dvc exp show --json", repo, env).stdout)
     names = [e["name"] for rev in shown for e in rev.get("experiments") or [] if e.get("name")]

@@ -17,7 +17,16 @@ from rnnflow.shipping.predict import Predictor
 from rnnflow.tracking import runs
 from rnnflow.tracking.server import MlflowServer, ScoringServer, free_port, stop_group
 
-from ..conftest import REPO, VARIANTS, browser_text, make_repo_copy, run, small_params, tracking_at
+from ..conftest import (
+    REPO,
+    VARIANTS,
+    browser_text,
+    end_queue_workers,
+    make_repo_copy,
+    run,
+    small_params,
+    tracking_at,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -317,17 +326,21 @@ def test_every_readme_command_works_as_written(repo_copy):
     readme = manual(repo_copy)
     script = repo_copy / "readme.sh"
     script.write_text(readme_script(readme))
+    logs = repo_copy.parent / "readme.out", repo_copy.parent / "readme.err"
     try:
-        proc = subprocess.run(
-            ["bash", "-x", str(script)],
-            cwd=repo_copy,
-            env={k: v for k, v in (os.environ | env).items() if v is not None},
-            capture_output=True,
-            text=True,
-            timeout=1500,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out = proc.stdout
+        # files, not pipes: the queue workers and servers it starts inherit them, and a pipe
+        # would keep this test waiting for the last of them to exit
+        with logs[0].open("w") as stdout, logs[1].open("w") as stderr:
+            proc = subprocess.run(
+                ["bash", "-x", str(script)],
+                cwd=repo_copy,
+                env={k: v for k, v in (os.environ | env).items() if v is not None},
+                stdout=stdout,
+                stderr=stderr,
+                timeout=1500,
+            )
+        assert proc.returncode == 0, logs[1].read_text()[-4000:]
+        out = logs[0].read_text()
         assert "Data and pipelines are up to date." in out
         assert out.count("Success") >= 4  # two queued sweeps of two experiments each
         assert '"predictions": [{"label": ' in out  # curl against `make serve`
@@ -350,6 +363,7 @@ def test_every_readme_command_works_as_written(repo_copy):
         _run("dvc queue remove --queued", repo_copy)
     finally:
         run("make server-stop", repo_copy, env=env, check=False)
+        end_queue_workers(repo_copy, grace=10)
 
 
 def test_two_full_runs_give_identical_metrics(repo_copy):
