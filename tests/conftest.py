@@ -91,14 +91,18 @@ def workspace(data_workspace, tmp_path, monkeypatch) -> Path:
 def run(cmd: str, cwd: Path, env: dict | None = None, check: bool = True, **kw):
     """Run a shell command with the venv's programs first on PATH; fail with its output.
     `env` adds variables to ours; a None value removes one."""
-    merged = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    merged = {k: v for k, v in (merged | (env or {})).items() if v is not None}
     proc = subprocess.run(
-        cmd, cwd=cwd, env=merged, capture_output=True, text=True, shell=True, **kw
+        cmd, cwd=cwd, env=_with_venv(env), capture_output=True, text=True, shell=True, **kw
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _with_venv(env: dict | None) -> dict:
+    """Our environment with the venv's programs first on PATH, plus `env` (None removes)."""
+    merged = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return {k: v for k, v in (merged | (env or {})).items() if v is not None}
 
 
 def start_queue(repo: Path, env: dict | None = None, workers: int = 2) -> None:
@@ -107,13 +111,11 @@ def start_queue(repo: Path, env: dict | None = None, workers: int = 2) -> None:
     Seen in CI: a celery worker logged "done" after its queue drained and never exited."""
     log = repo / ".dvc/tmp/queue-start.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    merged = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    merged = {k: v for k, v in (merged | (env or {})).items() if v is not None}
     with log.open("w") as out:
         status = subprocess.run(
             f"dvc queue start -j {workers}",
             cwd=repo,
-            env=merged,
+            env=_with_venv(env),
             shell=True,
             stdin=subprocess.DEVNULL,
             stdout=out,
