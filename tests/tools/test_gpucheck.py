@@ -68,3 +68,38 @@ def test_a_skipped_step_runs_nothing_and_finds_nothing(tmp_path):
     assert ran["exit"] == 0 and "data ran" in ran["tail"]
     report = (tmp_path / "report.md").read_text()
     assert "| bench | skipped (--skip) | - |  |" in report and "| data | 0 |" in report
+
+
+def test_the_check_fails_naming_the_steps_that_failed(tmp_path, monkeypatch, capsys):
+    """A step that exits non-zero or times out fails the check (exit 2, one line naming it);
+    `refuse` fails only when it had to refuse and did not; skipped steps are not failures.
+    The CPU smoke run once reported a failed pipeline step and exited 0."""
+    steps = {
+        "device": {"exit": 0},
+        "data": {"exit": 0},
+        "bench": {"exit": "skipped (--skip)"},
+        "torchrun": {"exit": "timeout"},
+        "refuse": {"exit": 0, "ok": True},  # on the CPU two gloo ranks may train
+        "pipeline": {"exit": 255},
+    }
+    assert gpucheck.failed_steps(steps) == ["torchrun", "pipeline"]
+    assert gpucheck.failed_steps(steps | {"refuse": {"exit": 0, "ok": False}}) == [
+        "torchrun",
+        "refuse",
+        "pipeline",
+    ]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gpucheck, "gpu_check", lambda *args: steps)
+    try:
+        gpucheck.main(["--out", "report"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("a failed step must fail the check")
+    err = capsys.readouterr().err.strip()
+    report = tmp_path / "report.json"
+    expected = f"failed: torchrun, pipeline (each step's output ends its entry in {report})"
+    assert err == f"gpu-check: error: {expected}"
+    passed = {name: step for name, step in steps.items() if name not in ("torchrun", "pipeline")}
+    monkeypatch.setattr(gpucheck, "gpu_check", lambda *args: passed)
+    gpucheck.main(["--out", "report"])  # returns: every step that ran did its job

@@ -171,3 +171,31 @@ def test_label_smoothing_changes_the_objective_not_the_reported_loss(workspace):
         weights[smoothing] = model.head.weight.detach().clone()
     assert results[0.0].loss == results[0.3].loss  # the same logits, plain cross-entropy
     assert not torch.allclose(weights[0.0], weights[0.3])
+
+
+def test_a_failed_cuda_graph_capture_is_one_error_naming_the_switch(monkeypatch):
+    """One trial of a 7-process search on an H100 failed inside make_graphed_callables
+    (cudaErrorStreamCaptureInvalidated; the same configuration alone trained fine): the
+    user gets one line naming the batch and the param that turns graphs off."""
+    from rnnflow.model.network import ModelConfig, RNNClassifier
+    from rnnflow.training.graphs import GraphedSteps
+
+    def capture_fails(*_args, **_kwargs):
+        raise torch.AcceleratorError(
+            "CUDA error: operation failed due to a previous error during capture\n"
+            "Search for `cudaErrorStreamCaptureInvalidated' in https://docs.nvidia.com/..."
+        )
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture_fails)
+    model = RNNClassifier(ModelConfig("gru", 20, 3, 8, 12, 1, 0.0, "tanh", False, "attention"))
+    steps = GraphedSteps(model).train()
+    tokens, lengths = torch.randint(1, 20, (4, 6)), torch.tensor([6, 5, 3, 1])
+    message = (
+        r"^capturing the CUDA graph of a 4 x 6 batch failed \(CUDA error: operation failed "
+        r"due to a previous error during capture\); set train.cuda_graphs: false in "
+        r"params.yaml to train without CUDA graphs$"
+    )
+    with pytest.raises(RnnflowError, match=message):
+        steps(tokens, lengths)
+    with torch.no_grad():  # evaluation never captures
+        assert steps(tokens, lengths).shape == (4, 3)

@@ -17,6 +17,8 @@ and a core that reads padded batches (packing moves lengths to the host mid-step
 import torch
 from torch import nn
 
+from rnnflow.core.errors import RnnflowError
+
 
 class _OneShape(nn.Module):
     """The model behind one captured shape: make_graphed_callables replaces this wrapper's
@@ -44,9 +46,16 @@ class GraphedSteps(nn.Module):
             return self.model(tokens, lengths)
         shape = (*tokens.shape, lengths.shape[0])
         if shape not in self.graphs:
-            self.graphs[shape] = torch.cuda.make_graphed_callables(
-                _OneShape(self.model), (tokens, lengths)
-            )
+            try:
+                self.graphs[shape] = torch.cuda.make_graphed_callables(
+                    _OneShape(self.model), (tokens, lengths)
+                )
+            except RuntimeError as err:  # torch.AcceleratorError among them
+                raise RnnflowError(
+                    f"capturing the CUDA graph of a {tokens.shape[0]} x "
+                    f"{tokens.shape[1]} batch failed ({str(err).splitlines()[0]}); set "
+                    "train.cuda_graphs: false in params.yaml to train without CUDA graphs"
+                ) from err
         return self.graphs[shape](tokens, lengths)
 
 
