@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import pytest
 import yaml
 
 from rnnflow.tools import gpucheck
@@ -90,12 +91,9 @@ def test_the_check_fails_naming_the_steps_that_failed(tmp_path, monkeypatch, cap
     ]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(gpucheck, "gpu_check", lambda *args: steps)
-    try:
+    with pytest.raises(SystemExit) as stopped:  # a failed step must fail the check
         gpucheck.main(["--out", "report"])
-    except SystemExit as stop:
-        assert stop.code == 2
-    else:
-        raise AssertionError("a failed step must fail the check")
+    assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     report = tmp_path / "report.json"
     expected = f"failed: torchrun, pipeline (each step's output ends its entry in {report})"

@@ -173,7 +173,7 @@ class Check:
     def note(self, name: str, **found) -> None:
         """Add what a step found (numbers read from its outputs) and rewrite the report; a
         skipped step found nothing."""
-        if str(self.steps[name]["exit"]).startswith("skipped"):
+        if skipped(self.steps[name]):
             return
         self.steps[name].update(found)
         self.write()
@@ -302,11 +302,16 @@ def failed_steps(steps: dict[str, dict]) -> list[str]:
     `refuse`, judged by whether it refused where it had to; skipped steps are not failures."""
     failed = []
     for name, step in steps.items():
-        if str(step["exit"]).startswith("skipped"):
+        if skipped(step):
             continue
         if not (step.get("ok") if name == "refuse" else step["exit"] == 0):
             failed.append(name)
     return failed
+
+
+def skipped(step: dict) -> bool:
+    """Whether Check.run left the step out (--skip, or no time left): its exit says so."""
+    return str(step["exit"]).startswith("skipped")
 
 
 def step_names(text: str) -> frozenset:
