@@ -4,6 +4,7 @@ The fast tests run real process groups started by rnnflow's own launcher; the sl
 the train stage with `train.processes: 2`, kill a rank, and join an outside torchrun.
 """
 
+import gc
 import json
 import os
 import re
@@ -59,20 +60,22 @@ def _one_step_gradients(model, split: PackedSplit, world: World) -> list[torch.T
 
 def _ranks_gradients(data_workspace, vocab: int) -> dict:
     """On each of 2 ranks: DDP-wrapped models, one step on this rank's rows of each case."""
+    with distributed.joined(torch.device("cpu")) as world:
+        return _gradients_in(world, data_workspace, vocab)  # its DDP models die in there
+
+
+def _gradients_in(world: World, data_workspace, vocab: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    with distributed.joined(torch.device("cpu")) as world:
-        grads = {}
-        for variant in VARIANTS:
-            for case, rows in CASES.items():
-                model = DistributedDataParallel(_model(variant, vocab))
-                grads[variant, case] = _one_step_gradients(
-                    model, _split(data_workspace, rows), world
-                )
-        val = PackedSplit.load(data_workspace / "data/packed/val.npz")
-        loader = make_loader(val, 16, 50, shuffle=False, seed=0)
-        evaluation = run_epoch(_model("gru", vocab), loader, torch.device("cpu"), world=world)
-        return world.gather((world.rank, grads, evaluation))
+    grads = {}
+    for variant in VARIANTS:
+        for case, rows in CASES.items():
+            model = DistributedDataParallel(_model(variant, vocab))
+            grads[variant, case] = _one_step_gradients(model, _split(data_workspace, rows), world)
+    val = PackedSplit.load(data_workspace / "data/packed/val.npz")
+    loader = make_loader(val, 16, 50, shuffle=False, seed=0)
+    evaluation = run_epoch(_model("gru", vocab), loader, torch.device("cpu"), world=world)
+    return world.gather((world.rank, grads, evaluation))
 
 
 def _vocab(data_workspace) -> int:
@@ -103,6 +106,39 @@ def test_two_ranks_with_half_batches_take_the_whole_batch_step(data_workspace):
         assert evaluation.accuracy == alone.accuracy
         assert evaluation.loss == pytest.approx(alone.loss, rel=1e-12, abs=0)
         assert evaluation.tokens == alone.tokens == int(val.lengths.sum())
+
+
+def _ddp_models_at_teardown(workspace: Path, fail: bool) -> list[int]:
+    """On each of 2 ranks: train@gru, or a DDP step that then fails; how many
+    DistributedDataParallel models were not yet freed when the process group was destroyed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    alive, destroy = [], torch.distributed.destroy_process_group
+
+    def counting_destroy(*args, **kwargs):
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        destroy(*args, **kwargs)
+
+    def fail_after_a_step(world: World):
+        model = DistributedDataParallel(_model("gru", _vocab(workspace)))
+        _one_step_gradients(model, _split(workspace, 8), world)
+        raise RnnflowError("a rank's error")
+
+    torch.distributed.destroy_process_group = counting_destroy
+    os.chdir(workspace)
+    if fail:
+        with pytest.raises(RnnflowError), distributed.joined(torch.device("cpu")) as world:
+            fail_after_a_step(world)
+    else:
+        train_variant(load_params(workspace / "params.yaml"), "gru")
+    return alive
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["training", "an error"])
+def test_no_ddp_model_outlives_its_process_group(workspace, fail):
+    """A DDP model freed after its gloo group is destroyed can hang the process for ever (see
+    distributed.joined): none is left when the group is destroyed, after training or an error."""
+    assert distributed.launch(2, _ddp_models_at_teardown, workspace, fail, name="test") == [0]
 
 
 def test_rows_of_a_batch_are_disjoint_and_cover_it():
@@ -162,7 +198,9 @@ def _copy(src: Path, dest: Path, processes: int) -> Path:
 
 
 def _stage(ws: Path, variant: str = "gru") -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    # cold: _ranks looks for the ranks among this process's children, and a warm stage server
+    # (one an earlier test started) would run them among its own
+    env = os.environ | {"PYTHONPATH": str(REPO), "RNNFLOW_STAGE_SERVER": "0"}
     return subprocess.Popen(
         [sys.executable, "-m", "stages.train", variant],
         cwd=ws,
@@ -281,7 +319,13 @@ def test_two_machines_joined_by_torchrun_only_rank_0_writes(data_workspace, tmp_
                 cmd.split(), cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         )
-    outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    try:
+        outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    finally:  # a hang fails the test; SIGTERM has each torchrun stop its rank first
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "train@rnn_cell_deep epoch 2" in outs[0] and "epoch" not in outs[1]
     assert _tree(nodes[1]) == before[1], "machine 1 writes nothing"

@@ -33,23 +33,23 @@ def rank_rates(
     if threads:
         torch.set_num_threads(threads)
     with distributed.joined(device) as world:
-        trainer = Trainer.build(params, variant, PACKED, device, world)
-        trainer.start(TrainState(), params.seed)
-        rates = []
-        for r in range(rounds + 1):
-            trainer.train_loader.batch_sampler.set_epoch(r + 1)
-            batches = list(itertools.islice(trainer.train_loader, steps))
-            result = run_epoch(
-                trainer.model,
-                batches,
-                device,
-                trainer.optimizer,
-                params.train.clip_norm,
-                world=world,
-            )
-            rates.append(result.tokens / result.seconds)
+        rates = _rates(params, variant, steps, rounds, device, world)  # DDP freed in there
     torch.set_num_threads(before)
     return rates[1:]
+
+
+def _rates(params: Params, variant: str, steps: int, rounds: int, device, world) -> list[float]:
+    trainer = Trainer.build(params, variant, PACKED, device, world)
+    trainer.start(TrainState(), params.seed)
+    rates = []
+    for r in range(rounds + 1):
+        trainer.train_loader.batch_sampler.set_epoch(r + 1)
+        batches = list(itertools.islice(trainer.train_loader, steps))
+        result = run_epoch(
+            trainer.model, batches, device, trainer.optimizer, params.train.clip_norm, world=world
+        )
+        rates.append(result.tokens / result.seconds)
+    return rates
 
 
 def measure(

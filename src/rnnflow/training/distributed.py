@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -99,7 +100,13 @@ def launched() -> bool:
 def joined(device: torch.device) -> Iterator[World]:
     """This process's World: the launcher's group when launched (NCCL for a CUDA device,
     else gloo), the single process otherwise. A group created here is destroyed here; one
-    that already exists (a script that called init_process_group) is used as it is."""
+    that already exists (a script that called init_process_group) is used as it is.
+
+    What holds the group (a DistributedDataParallel model) must be freed inside the block:
+    do the work in a function called there, not in the block's own variables. A DDP model
+    freed after the group is destroyed makes its reducer end the gloo group while holding
+    the GIL, and a gloo thread freeing the tensor of a finished collective then waits for
+    that GIL forever (two-rank training hung at its very end 1 run in 3)."""
     if not launched():
         yield SINGLE
         return
@@ -109,6 +116,11 @@ def joined(device: torch.device) -> Iterator[World]:
         dist.init_process_group(backend, timeout=_timeout())
     try:
         yield World(dist.get_rank(), dist.get_world_size())
+    except BaseException as err:
+        # The failed code's frames may hold a DDP model: free it before the group (above);
+        # the traceback keeps its lines, not its local variables.
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         if created:
             dist.destroy_process_group()

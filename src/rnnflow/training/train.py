@@ -528,14 +528,19 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
         return _launch(params, variant, packed_dir)
     device = host.setup(params.seed)
     with distributed.joined(device) as world:
-        trainer = Trainer.build(params, variant, packed_dir, device, world)
-        ledger = Ledger(params, trainer, packed_dir)
-        state = ledger.resume()
-        trainer.start(state, params.seed)
-        with ledger.tracked(state):
-            state = fit(trainer, state, on_epoch=ledger.epoch_done)
-            result = ledger.finish(state)
-        ledger.done()
+        # a function of its own: the DDP model must be freed inside the block (see joined)
+        return _train_in(world, device, params, variant, packed_dir)
+
+
+def _train_in(world: World, device, params: Params, variant: str, packed_dir: Path) -> dict:
+    trainer = Trainer.build(params, variant, packed_dir, device, world)
+    ledger = Ledger(params, trainer, packed_dir)
+    state = ledger.resume()
+    trainer.start(state, params.seed)
+    with ledger.tracked(state):
+        state = fit(trainer, state, on_epoch=ledger.epoch_done)
+        result = ledger.finish(state)
+    ledger.done()
     return result
 
 
