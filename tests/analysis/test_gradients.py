@@ -48,9 +48,11 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
     ("variant", "pool"),
     [(v, "last") for v in VARIANTS] + [("rnn_deep", "mean"), ("gru", "attention"), ("lstm", "max")],
 )
-def test_unrolled_model_is_the_model(variant, pool):
-    """Pooled models too: the unrolled states go through the model's own pooling."""
-    model = make(variant, False, pool=pool).eval()
+@pytest.mark.parametrize("conv_width", [0, 3])
+def test_unrolled_model_is_the_model(variant, pool, conv_width):
+    """Pooled models too: the unrolled states go through the model's own pooling; with the
+    n-gram convolution, the unrolled steps read its features."""
+    model = make(variant, False, pool=pool, conv_width=conv_width, conv_channels=4).eval()
     tokens, lengths = padded([9, 9, 9, 9], seed=3)
     _, layers = layer_weights(model)
     zeros = [[torch.zeros(4, model.cfg.hidden_size) for _ in range(9)] for _ in layers]

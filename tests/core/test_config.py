@@ -48,6 +48,11 @@ def test_repository_params_are_valid():
         (lambda r: r["model"]["variants"].update(rnn_cell={"pool": "sum"}), "rnn_cell.pool"),
         (lambda r: r["model"]["defaults"].update(embedding_dropout=1), "embedding_dropout"),
         (lambda r: r["train"].update(schedule="step"), "train.schedule: Input should be"),
+        (
+            lambda r: r["model"]["defaults"].update(conv_width=4),
+            "model.defaults.conv_width: must be 0 (no convolution) or odd",
+        ),
+        (lambda r: r["model"]["variants"].update(gru={"conv_channels": 0}), "gru.conv_channels"),
         (lambda r: r["train"].update(label_smoothing=-0.1), "train.label_smoothing"),
         (lambda r: r["tokenize"].update(level="sentencepiece"), "tokenize.level: Input should"),
         (lambda r: r["train"].update(epochs="many"), "train.epochs: Input should be a valid int"),

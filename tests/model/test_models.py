@@ -220,3 +220,44 @@ def test_embedding_dropout_drops_only_while_training():
         first = model(tokens, lengths)
         torch.manual_seed(1)
         assert not torch.allclose(first, model(tokens, lengths))
+
+
+CONV = [(v, False) for v in VARIANTS] + [("gru", True), ("rnn_cell_deep", True)]
+
+
+@pytest.mark.parametrize(("variant", "bidirectional"), CONV)
+def test_ngram_convolution_never_reads_padding(variant, bidirectional):
+    """The window of a text's last tokens reaches past its end: zeros there, whatever the pad
+    length, the pad ids or junk ids, and the batch mates."""
+    model = make(variant, bidirectional, pool="max", conv_width=3, conv_channels=5)
+    assert_padding_never_leaks(model)
+
+
+def test_ngram_features_are_each_windows_convolution():
+    """Step t reads [e_t, relu(W [e_t-1; e_t; e_t+1] + b)], zeros outside the text."""
+    model = make("gru", conv_width=3, conv_channels=5)
+    tokens, lengths = padded([4, 2])
+    conv = model.ngrams.conv
+    with torch.no_grad():
+        features = model.inputs(tokens, lengths)
+        assert features.shape == (2, 4, 8 + 5)
+        for row, n in enumerate(lengths.tolist()):
+            emb = torch.cat(
+                [torch.zeros(1, 8), model.embedding(tokens[row, :n]), torch.zeros(1, 8)]
+            )
+            for t in range(n):
+                window = emb[t : t + 3]  # [3, E]: the tokens t-1, t, t+1
+                expected = torch.relu((conv.weight * window.T[None]).sum((1, 2)) + conv.bias)
+                assert torch.allclose(features[row, t, :8], emb[t + 1], atol=1e-6, rtol=0)
+                assert torch.allclose(features[row, t, 8:], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cell_loops_with_ngrams_carry_into_nn_rnn(bidirectional):
+    """The export twin of a cell-loop model keeps the convolution and reads its features."""
+    cells = make("rnn_cell_deep", bidirectional, conv_width=5, conv_channels=4)
+    twin = as_torch_rnn(cells)
+    assert twin.core.rnn.input_size == 8 + 4
+    tokens, lengths = padded([9, 2, 14, 5, 1])
+    with torch.no_grad():
+        assert torch.allclose(twin(tokens, lengths), cells(tokens, lengths), atol=1e-5, rtol=0)

@@ -60,8 +60,9 @@ def unrolled_logits(
     """The model's logits for equal-length sequences, step by step, with deltas[layer][t]
     added to the hidden state after step t (zeros: the model's own function)."""
     kind, layers = layer_weights(model)
-    x = model.embedding(tokens)  # [B, T, E]
     batch, steps = tokens.shape
+    lengths = torch.full((batch,), steps, dtype=torch.int64)  # equal lengths: no padding
+    x = model.inputs(tokens, lengths)  # [B, T, E] (with the n-gram features, if any)
     for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
         h = x.new_zeros(batch, w_hh.shape[1])
         c = h
@@ -78,7 +79,6 @@ def unrolled_logits(
             h = h + deltas[layer][t]
             states.append(h)
         x = torch.stack(states, dim=1)
-    lengths = torch.full((batch,), steps, dtype=torch.int64)  # equal lengths: no padding
     return model.head(model.pool(x, h, lengths))
 
 

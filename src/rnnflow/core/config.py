@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rnnflow.core.errors import RnnflowError
 from rnnflow.core.paths import PARAMS
@@ -68,6 +68,17 @@ class ModelParams(_Strict):
     bidirectional: bool = False
     pool: Literal["last", "mean", "max", "attention"] = "max"  # what the head reads
     embedding_dropout: float = Field(0.1, ge=0, lt=1)
+    conv_width: int = Field(0, ge=0)  # 0: none; odd: tokens per n-gram window
+    conv_channels: int = Field(128, ge=1)  # n-gram features per step (conv_width > 0)
+
+    @field_validator("conv_width")
+    @classmethod
+    def _odd_width(cls, width: int) -> int:
+        if width and width % 2 == 0:
+            raise ValueError(
+                f"must be 0 (no convolution) or odd (a window centred on its token), not {width}"
+            )
+        return width
 
 
 class ModelSection(_Strict):

@@ -1,4 +1,8 @@
-"""Embedding -> recurrent core -> pooling over the valid steps -> linear head, every variant.
+"""Embedding -> (n-gram convolution) -> recurrent core -> pooling -> linear head, every variant.
+
+With `conv_width` > 0 the core reads, beside each token's embedding, `conv_channels` features
+of the window of `conv_width` tokens centred on it (nn.Conv1d + ReLU over the embeddings,
+padded steps zeroed first, so a text's features do not depend on its padding).
 
 A core returns (states, last): the top layer's state at every step [B, T, F] (None when the
 pooling does not read it) and its state at each sequence's last valid step [B, F]. `Pool`
@@ -7,7 +11,7 @@ last and the backward direction's first), `mean` and `max` over the valid steps,
 `attention` (a learned score per step, softmax over the valid steps). Padded steps never
 reach the head: they are masked out, whatever a core computed there."""
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +36,10 @@ class ModelConfig:
     dropout: float
     nonlinearity: str
     bidirectional: bool
-    pool: str = "last"  # saved by older checkpoints without these two fields
+    pool: str = "last"  # saved by older checkpoints without the fields below
     embedding_dropout: float = 0.0
+    conv_width: int = 0
+    conv_channels: int = 0
 
     @classmethod
     def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
@@ -179,8 +185,7 @@ class Pool(nn.Module):
     def forward(self, states, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.kind == "last":
             return last
-        steps = torch.arange(states.shape[1], device=states.device)
-        valid = (steps[None, :] < lengths.to(states.device)[:, None]).unsqueeze(-1)  # [B,T,1]
+        valid = valid_steps(states, lengths)
         if self.kind == "mean":
             total = torch.where(valid, states, torch.zeros_like(states)).sum(1)
             return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
@@ -188,6 +193,28 @@ class Pool(nn.Module):
             return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
         scores = self.score(states).masked_fill(~valid, -torch.inf)  # [B, T, 1]
         return (torch.softmax(scores, dim=1) * states).sum(1)
+
+
+def valid_steps(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, T, 1]: True where step t of x [B, T, F] is before its sequence's length."""
+    steps = torch.arange(x.shape[1], device=x.device)
+    return (steps[None, :] < lengths.to(x.device)[:, None]).unsqueeze(-1)
+
+
+class NgramConv(nn.Module):
+    """Each step's embedding with `channels` ReLU features of the `width` tokens centred on
+    it: [B, T, E] -> [B, T, E + channels]. Steps past a text's length are zeroed before the
+    convolution, so they read as the convolution's own zero padding: a text's features are
+    the same at every pad length and beside any batch mates."""
+
+    def __init__(self, embedding_dim: int, width: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv1d(embedding_dim, channels, width, padding=width // 2)
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        emb = torch.where(valid_steps(emb, lengths), emb, torch.zeros_like(emb))
+        features = torch.relu(self.conv(emb.transpose(1, 2))).transpose(1, 2)
+        return torch.cat([emb, features], dim=2)
 
 
 class RNNClassifier(nn.Module):
@@ -198,14 +225,24 @@ class RNNClassifier(nn.Module):
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
         self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
-        self.core = build_core(cfg)
+        self.ngrams = None
+        self.core_cfg = cfg  # the core's own config: its input width is the features'
+        if cfg.conv_width:
+            self.ngrams = NgramConv(cfg.embedding_dim, cfg.conv_width, cfg.conv_channels)
+            self.core_cfg = replace(cfg, embedding_dim=cfg.embedding_dim + cfg.conv_channels)
+        self.core = build_core(self.core_cfg)
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         self.pool = Pool(cfg.pool, features)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(features, cfg.num_classes)
 
+    def inputs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """What the core reads at each step: [B, T, embedding_dim (+ conv_channels)]."""
+        emb = self.embedding_dropout(self.embedding(tokens))
+        return emb if self.ngrams is None else self.ngrams(emb, lengths)
+
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        states, last = self.core(self.embedding_dropout(self.embedding(tokens)), lengths)
+        states, last = self.core(self.inputs(tokens, lengths), lengths)
         return self.head(self.dropout(self.pool(states, last, lengths)))
 
 
@@ -221,7 +258,7 @@ def as_torch_rnn(model: RNNClassifier) -> RNNClassifier:
     if not isinstance(model.core, CellLoopCore):
         return model
     twin = RNNClassifier(model.cfg)
-    twin.core = TorchRNNCore("rnn", model.cfg)
+    twin.core = TorchRNNCore("rnn", model.core_cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("core.")}
     directions = [("", model.core.cells)]
     if model.core.cells_reverse is not None:

@@ -41,6 +41,7 @@ SPACE: dict[str, tuple] = {
     "model.defaults.hidden_size": ("categorical", [64, 128]),
     "model.defaults.embedding_dim": ("categorical", [32, 64, 128]),
     "model.defaults.pool": ("categorical", ["last", "mean", "max", "attention"]),
+    "model.defaults.conv_width": ("categorical", [0, 3, 5]),  # 0: no n-gram convolution
     "model.defaults.dropout": ("float", 0.0, 0.5),
     "model.defaults.embedding_dropout": ("float", 0.0, 0.3),
     "train.lr": ("log", 5e-4, 1e-2),
