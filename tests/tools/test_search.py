@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from rnnflow.core.config import load_params
+from rnnflow.core.errors import RnnflowError
 from rnnflow.tools import search
 
 from ..conftest import small_params, write_params
@@ -100,3 +101,30 @@ def test_the_search_refuses_what_it_cannot_run(searchable, capsys):
     assert capsys.readouterr().err.strip() == (
         "search: error: data/packed/train.npz: missing; `dvc repro pack` writes it"
     )
+
+
+def test_a_study_from_another_search_space_is_refused_before_training(searchable, monkeypatch):
+    """Continuing a study whose trials sampled an option from other choices would fail in
+    Optuna mid-run; the search refuses it first, naming the study, the option and both."""
+    storage = f"sqlite:///{searchable}/optuna.db"
+    old = {"model.defaults.pool": ("categorical", ["last", "mean", "max"])}
+    monkeypatch.setattr(search, "SPACE", old)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model.defaults.pool": "max"},
+            distributions={"model.defaults.pool": search.distribution("model.defaults.pool")},
+            value=1.0,
+        )
+    )
+    monkeypatch.setattr(search, "SPACE", old | {"train.lr": ("log", 5e-4, 1e-2)})
+    search.check_space(study, "sqlite")  # an added option is fine
+    monkeypatch.setattr(search, "SPACE", {"model.defaults.pool": ("categorical", ["last", "max"])})
+    with pytest.raises(RnnflowError) as err:
+        search.search("rnn", trials=1, timeout=60, epochs=1, storage=storage, study_name="s")
+    assert str(err.value).startswith(
+        "study 's' (--storage): its trial 0 sampled model.defaults.pool from "
+        "CategoricalDistribution(choices=('last', 'mean', 'max')), the search space now gives "
+        "CategoricalDistribution(choices=('last', 'max')); start a new study (--study NAME)"
+    )
+    assert not (searchable / "reports/search.json").exists()

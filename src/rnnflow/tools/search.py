@@ -61,6 +61,30 @@ def sample(trial) -> dict[str, object]:
     return chosen
 
 
+def distribution(key: str):
+    """The Optuna distribution SPACE gives `key`."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    kind, *spec = SPACE[key]
+    if kind == "categorical":
+        return CategoricalDistribution(spec[0])
+    return FloatDistribution(spec[0], spec[1], log=kind == "log")
+
+
+def check_space(study, where: str) -> None:
+    """A continued study must sample what its earlier trials sampled: Optuna cannot mix two
+    ranges or choice lists of one option (it fails mid-run with "dynamic value space").
+    Options added to or dropped from SPACE are fine."""
+    for trial in study.get_trials(deepcopy=False):
+        for key, old in trial.distributions.items():
+            if key in SPACE and old != distribution(key):
+                raise RnnflowError(
+                    f"study '{study.study_name}' ({where}): its trial {trial.number} sampled "
+                    f"{key} from {old}, the search space now gives {distribution(key)}; "
+                    f"start a new study (--study NAME) or delete the old one"
+                )
+
+
 def with_options(raw: dict, options: dict[str, object]) -> dict:
     """params.yaml content with dotted keys set (a copy)."""
     raw = json.loads(json.dumps(raw))
@@ -170,6 +194,7 @@ def search(
         pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
         load_if_exists=True,
     )
+    check_space(study, where)
     runs.configure()
     started = time.perf_counter()
     tags = {"rnnflow.kind": "search", "optuna.study": name, "optuna.storage": where}
