@@ -50,19 +50,8 @@ SPACE: dict[str, tuple] = {
 }
 
 
-def sample(trial) -> dict[str, object]:
-    """One point of SPACE, chosen by the trial's sampler."""
-    chosen = {}
-    for key, (kind, *spec) in SPACE.items():
-        if kind == "categorical":
-            chosen[key] = trial.suggest_categorical(key, spec[0])
-        else:
-            chosen[key] = trial.suggest_float(key, spec[0], spec[1], log=kind == "log")
-    return chosen
-
-
 def distribution(key: str):
-    """The Optuna distribution SPACE gives `key`."""
+    """The Optuna distribution SPACE gives `key` (the one reader of SPACE's tuples)."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     kind, *spec = SPACE[key]
@@ -71,16 +60,29 @@ def distribution(key: str):
     return FloatDistribution(spec[0], spec[1], log=kind == "log")
 
 
+def sample(trial) -> dict[str, object]:
+    """One point of SPACE, chosen by the trial's sampler."""
+    chosen = {}
+    for key in SPACE:
+        space = distribution(key)
+        if hasattr(space, "choices"):
+            chosen[key] = trial.suggest_categorical(key, space.choices)
+        else:
+            chosen[key] = trial.suggest_float(key, space.low, space.high, log=space.log)
+    return chosen
+
+
 def check_space(study, where: str) -> None:
     """A continued study must sample what its earlier trials sampled: Optuna cannot mix two
     ranges or choice lists of one option (it fails mid-run with "dynamic value space").
     Options added to or dropped from SPACE are fine."""
+    now = {key: distribution(key) for key in SPACE}
     for trial in study.get_trials(deepcopy=False):
         for key, old in trial.distributions.items():
-            if key in SPACE and old != distribution(key):
+            if key in now and old != now[key]:
                 raise RnnflowError(
                     f"study '{study.study_name}' ({where}): its trial {trial.number} sampled "
-                    f"{key} from {old}, the search space now gives {distribution(key)}; "
+                    f"{key} from {old}, the search space now gives {now[key]}; "
                     f"start a new study (--study NAME) or delete the old one"
                 )
 
