@@ -20,25 +20,34 @@ def numericalize(
     texts: list[str], labels: list[str], tok, classes: list[str], max_len: int
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays for one split and its stats; texts that give no token are dropped and counted.
-    Texts are encoded CHUNK at a time into one preallocated array, so no stage holds a
-    Python object per token of the whole split."""
+    Texts are encoded CHUNK at a time into arrays as wide as each chunk's longest text, then
+    copied into one array as wide as the split's longest: no stage holds a Python object per
+    token of the whole split, and a generous max_len costs no memory that the texts do not use."""
     index = {name: i for i, name in enumerate(classes)}
-    tokens = np.zeros((len(texts), max_len), dtype=np.int32)
-    lengths = np.zeros(len(texts), dtype=np.int64)
     label_ids = np.array([index.get(label, -1) for label in labels], dtype=np.int64)
+    lengths = np.zeros(len(texts), dtype=np.int64)
     truncated = np.zeros(len(texts), dtype=bool)
+    blocks = []
     for start in range(0, len(texts), CHUNK):
         ids = encode(tok, texts[start : start + CHUNK], max_len + 1)  # +1: was it cut?
-        for row, seq in enumerate(ids, start):
-            n = min(len(seq), max_len)
-            tokens[row, :n] = seq[:n]
-            lengths[row], truncated[row] = n, len(seq) > max_len
+        found = np.array([len(seq) for seq in ids], dtype=np.int64)
+        kept = np.minimum(found, max_len)
+        block = np.zeros((len(ids), max(1, int(kept.max(initial=0)))), dtype=np.int32)
+        for row, (seq, n) in enumerate(zip(ids, kept, strict=True)):
+            block[row, :n] = seq[:n]
+        lengths[start : start + len(ids)], truncated[start : start + len(ids)] = kept, found > kept
+        blocks.append(block)
     empty, unknown = lengths == 0, label_ids < 0
     keep = ~empty & ~unknown
     kept_lengths = lengths[keep]
-    width = max(1, int(kept_lengths.max(initial=0)))
+    tokens = np.zeros((len(kept_lengths), max(1, int(kept_lengths.max(initial=0)))), np.int32)
+    row = 0
+    for start, block in zip(range(0, len(texts), CHUNK), blocks, strict=True):
+        rows = block[keep[start : start + len(block)], : tokens.shape[1]]
+        tokens[row : row + len(rows), : rows.shape[1]] = rows
+        row += len(rows)
     arrays = {
-        "tokens": np.ascontiguousarray(tokens[keep, :width]),
+        "tokens": tokens,
         "lengths": kept_lengths,
         "labels": label_ids[keep],
     }
