@@ -41,7 +41,8 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
     raw = small_params(data={"source": "longrange", "length": 120, "size": 200})
     params = Params(**raw)
     assert params.pack.max_len == 120 and params.token_level == "char"
-    assert Params(**small_params()).pack.max_len == 32  # other sources keep their own
+    other = small_params(pack={"max_len": 77})
+    assert Params(**other).pack.max_len == 77  # other sources keep their own
 
 
 @pytest.mark.parametrize(

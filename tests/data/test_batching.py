@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,7 +72,8 @@ def test_pack_report_numbers(workspace):
     split = PackedSplit.load(workspace / "data/packed/train.npz")
     assert train["sequences"] == len(split) == len(split.labels)
     assert train["tokens"] == int(split.lengths.sum())
-    assert train["max_length"] <= report["max_len"] == 32
+    max_len = yaml.safe_load((workspace / "params.yaml").read_text())["pack"]["max_len"]
+    assert train["max_length"] <= report["max_len"] == max_len
     pad = report["padding_train_epoch"]
     assert pad["bucketed"]["pad_fraction"] < 0.15 < 0.5 < pad["global_max"]["pad_fraction"]
     assert pad["bucketed"]["pad_fraction"] < pad["random_batches"]["pad_fraction"]

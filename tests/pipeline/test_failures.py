@@ -286,4 +286,5 @@ def test_ten_megabyte_line_is_truncated_not_a_crash(trained, tmp_path):
     report = yaml.safe_load((ws / "data/reports/pack.json").read_text())
     truncated = sum(s["truncated"] for s in report["splits"].values())
     assert truncated == 1
-    assert max(s["max_length"] for s in report["splits"].values()) == 32
+    max_len = yaml.safe_load((ws / "params.yaml").read_text())["pack"]["max_len"]
+    assert max(s["max_length"] for s in report["splits"].values()) == max_len

@@ -54,7 +54,7 @@ class TokenizeParams(_Strict):
 
 
 class PackParams(_Strict):
-    max_len: int = Field(64, ge=1)
+    max_len: int = Field(128, ge=1)
     batch_size: int = Field(64, ge=1)
     bucket_pool: int = Field(50, ge=1)
 
