@@ -78,3 +78,28 @@ def test_subword_levels_split_unseen_words_into_known_pieces():
         word = build_tokenizer(texts, "word", lowercase=True, min_freq=1, max_vocab=200)
         assert encode(word, ["Unbelievably told"], 50)[0] == [UNK_ID, word.token_to_id("told")]
         assert len(encode(tok, ["story " * 1000], max_len=16)[0]) == 16  # truncation
+
+
+def test_numericalize_is_as_wide_as_the_longest_kept_text_across_chunks(monkeypatch):
+    """Chunks of 2 texts: rows keep their order and ids; truncation and drops are counted;
+    the array is as wide as the longest kept text, not max_len, and a longer dropped text
+    (unknown label) does not widen it."""
+    import rnnflow.data.pack as pack
+
+    monkeypatch.setattr(pack, "CHUNK", 2)
+    texts = ["a b", "a b c d e f g", "", "b", "a " * 40, "c a", "b b b b b b b b b b b b"]
+    labels = ["x", "y", "x", "y", "zzz", "x", "y"]
+    tok = build_tokenizer(texts, "word", lowercase=True, min_freq=1, max_vocab=100)
+    arrays, stats = pack.numericalize(texts, labels, tok, ["x", "y"], max_len=10)
+    kept = [0, 1, 3, 5, 6]  # "" gives no token; "zzz" is no class
+    expected = [encode(tok, [texts[i]], 10)[0] for i in kept]
+    assert arrays["tokens"].shape == (5, 10) and arrays["tokens"].dtype.name == "int32"
+    assert arrays["lengths"].tolist() == [2, 7, 1, 2, 10]
+    assert arrays["labels"].tolist() == [0, 1, 1, 0, 1]
+    for row, ids in zip(arrays["tokens"], expected, strict=True):
+        assert row[: len(ids)].tolist() == ids and (row[len(ids) :] == PAD_ID).all()
+    assert (stats["dropped_empty"], stats["dropped_unknown_label"], stats["truncated"]) == (1, 1, 1)
+    assert stats["tokens"] == 22 and stats["max_length"] == 10
+
+    wide, wide_stats = pack.numericalize(texts[:5], labels[:5], tok, ["x", "y"], max_len=1000)
+    assert wide["tokens"].shape == (3, 7) and wide_stats["truncated"] == 0  # not 40 wide
