@@ -210,6 +210,6 @@ def crown_champion(rows: list[dict], run_ids: dict[str, str | None]) -> tuple[st
             continue
         tags = client.get_model_version(runs.REGISTERED_MODEL, version).tags
         if tags.get("parity_passed") == "true":
-            client.set_registered_model_alias(runs.REGISTERED_MODEL, runs.CHAMPION, version)
+            runs.point_alias(runs.CHAMPION, version)
             return row["variant"], version
     return None

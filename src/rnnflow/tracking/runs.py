@@ -395,6 +395,28 @@ def text_model_version(run_id: str | None) -> str | None:
     return max((v.version for v in versions), key=int, default=None)
 
 
+def point_alias(alias: str, version: str, model: str = REGISTERED_MODEL, attempts: int = 5) -> None:
+    """Point `models:/MODEL@alias` at `version`. MLflow's SQL registry sets an alias by a
+    read, then an insert or an update (`session.merge`): two compares crowning at the same
+    moment (parallel queue workers on one team server) can both read no alias and both
+    insert, and the second fails on the alias table's primary key. By then the row exists,
+    so trying again updates it: the later compare wins, as it would one after the other."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(model, alias, version)
+            return
+        except MlflowException as err:
+            text = str(err).lower()
+            collided = "alias" in text and ("unique" in text or "duplicate" in text)
+            if not collided or attempt == attempts - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 def runs_url(base: str, experiment_id: str) -> str:
     """The UI's runs table on the saved leaderboard view (model-training mode, not GenAI)."""
     query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
