@@ -10,7 +10,7 @@ from rnnflow.core.config import Params
 from rnnflow.core.paths import DATA_REPORTS, PACKED, SPLITS, TOKENIZER_DIR, split_file
 from rnnflow.data.batching import BucketBatchSampler, padding_stats
 from rnnflow.data.prepare import read_split
-from rnnflow.data.text import UNK_ID, encode, load_tokenizer
+from rnnflow.data.text import UNK_ID, encode, load_tokenizer, pad_batch
 from rnnflow.data.vocab import labels_path, load_labels
 
 CHUNK = 10_000  # texts encoded at a time: memory stays flat however large the split
@@ -20,32 +20,32 @@ def numericalize(
     texts: list[str], labels: list[str], tok, classes: list[str], max_len: int
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays for one split and its stats; texts that give no token are dropped and counted.
-    Texts are encoded CHUNK at a time into arrays as wide as each chunk's longest text, then
-    copied into one array as wide as the split's longest: no stage holds a Python object per
-    token of the whole split, and a generous max_len costs no memory that the texts do not use."""
+    Texts are encoded CHUNK at a time, each chunk's kept texts padded to their own longest,
+    then copied into one array as wide as the split's longest: no stage holds a Python object
+    per token of the whole split, and a generous max_len costs no memory the texts do not use."""
     index = {name: i for i, name in enumerate(classes)}
     label_ids = np.array([index.get(label, -1) for label in labels], dtype=np.int64)
+    unknown = label_ids < 0
     lengths = np.zeros(len(texts), dtype=np.int64)
     truncated = np.zeros(len(texts), dtype=bool)
+    keep = np.zeros(len(texts), dtype=bool)
     blocks = []
     for start in range(0, len(texts), CHUNK):
         ids = encode(tok, texts[start : start + CHUNK], max_len + 1)  # +1: was it cut?
+        chunk = slice(start, start + len(ids))
         found = np.array([len(seq) for seq in ids], dtype=np.int64)
-        kept = np.minimum(found, max_len)
-        block = np.zeros((len(ids), max(1, int(kept.max(initial=0)))), dtype=np.int32)
-        for row, (seq, n) in enumerate(zip(ids, kept, strict=True)):
-            block[row, :n] = seq[:n]
-        lengths[start : start + len(ids)], truncated[start : start + len(ids)] = kept, found > kept
-        blocks.append(block)
-    empty, unknown = lengths == 0, label_ids < 0
-    keep = ~empty & ~unknown
+        lengths[chunk] = np.minimum(found, max_len)
+        truncated[chunk] = found > max_len
+        keep[chunk] = (lengths[chunk] > 0) & ~unknown[chunk]
+        kept = [seq[:max_len] for seq, ok in zip(ids, keep[chunk], strict=True) if ok]
+        blocks.append(pad_batch(kept)[0].astype(np.int32))
+    empty = lengths == 0
     kept_lengths = lengths[keep]
     tokens = np.zeros((len(kept_lengths), max(1, int(kept_lengths.max(initial=0)))), np.int32)
     row = 0
-    for start, block in zip(range(0, len(texts), CHUNK), blocks, strict=True):
-        rows = block[keep[start : start + len(block)], : tokens.shape[1]]
-        tokens[row : row + len(rows), : rows.shape[1]] = rows
-        row += len(rows)
+    for block in blocks:
+        tokens[row : row + len(block), : block.shape[1]] = block
+        row += len(block)
     arrays = {
         "tokens": tokens,
         "lengths": kept_lengths,
