@@ -47,7 +47,8 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
 
 @pytest.mark.parametrize(
     ("variant", "pool"),
-    [(v, "last") for v in VARIANTS] + [("rnn_deep", "mean"), ("gru", "attention"), ("lstm", "max")],
+    [(v, "last") for v in VARIANTS]
+    + [("rnn_deep", "mean"), ("gru", "attention"), ("lstm", "max"), ("rnn_cell_deep", "concat")],
 )
 @pytest.mark.parametrize("conv_width", [0, 3])
 def test_unrolled_model_is_the_model(variant, pool, conv_width):

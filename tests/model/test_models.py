@@ -169,7 +169,7 @@ def test_bidirectional_models_stay_on_packed_input():
 
 POOLED = [
     (variant, bidirectional, pool)
-    for pool in ("mean", "max", "attention")
+    for pool in ("mean", "max", "attention", "concat")
     for variant, bidirectional in [
         ("rnn", False),
         ("rnn_deep", False),
@@ -189,10 +189,11 @@ def test_pooling_never_reads_padding(variant, bidirectional, pool):
     assert_padding_never_leaks(make(variant, bidirectional, pool=pool))
 
 
-@pytest.mark.parametrize("pool", ["last", "mean", "max", "attention"])
+@pytest.mark.parametrize("pool", ["last", "mean", "max", "attention", "concat"])
 def test_each_pooling_computes_what_it_says(pool):
     """Against the states of nn.RNN computed by hand: the head reads the last state, their
-    mean, their elementwise max, or their softmax(score)-weighted sum."""
+    mean, their elementwise max, their softmax(score)-weighted sum, or last, max and mean
+    side by side."""
     model = make("rnn", pool=pool)
     tokens, lengths = padded([6])
     with torch.no_grad():
@@ -206,6 +207,9 @@ def test_each_pooling_computes_what_it_says(pool):
         if pool == "attention":
             weights = torch.softmax(model.pool.score(states).squeeze(-1), 0)
             summary = (weights[:, None] * states).sum(0)
+        if pool == "concat":
+            summary = torch.cat([states[-1], states.max(0).values, states.mean(0)])
+            assert model.head.in_features == 3 * states.shape[1]
         expected = model.head(summary)
         assert torch.allclose(model(tokens, lengths)[0], expected, atol=1e-6, rtol=0)
 

@@ -65,6 +65,8 @@ def test_every_variant_exports_and_matches_at_any_length(tmp_path, variant, bidi
         ("gru", False, "max"),
         ("gru", True, "mean"),
         ("rnn_cell_deep", True, "max"),
+        ("rnn_cell", False, "concat"),
+        ("lstm", True, "concat"),
     ],
 )
 def test_pooled_models_export_and_match(tmp_path, variant, bidirectional, pool):

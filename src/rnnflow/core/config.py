@@ -66,7 +66,7 @@ class ModelParams(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     nonlinearity: Literal["tanh", "relu"] = "tanh"
     bidirectional: bool = False
-    pool: Literal["last", "mean", "max", "attention"] = "max"  # what the head reads
+    pool: Literal["last", "mean", "max", "attention", "concat"] = "max"  # what the head reads
     embedding_dropout: float = Field(0.1, ge=0, lt=1)
     conv_width: int = Field(0, ge=0)  # 0: none; odd: tokens per n-gram window
     conv_channels: int = Field(128, ge=1)  # n-gram features per step (conv_width > 0)

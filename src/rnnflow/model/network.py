@@ -8,7 +8,8 @@ A core returns (states, last): the top layer's state at every step [B, T, F] (No
 pooling does not read it) and its state at each sequence's last valid step [B, F]. `Pool`
 summarises them for the head: `last` (the last state; bidirectional: the forward direction's
 last and the backward direction's first), `mean` and `max` over the valid steps, or
-`attention` (a learned score per step, softmax over the valid steps). Padded steps never
+`attention` (a learned score per step, softmax over the valid steps), or `concat` (last, max
+and mean side by side). Padded steps never
 reach the head: they are masked out, whatever a core computed there."""
 
 from dataclasses import asdict, dataclass, replace
@@ -175,7 +176,9 @@ def build_core(cfg: ModelConfig) -> nn.Module:
 
 
 class Pool(nn.Module):
-    """The sequence summary the head reads: last, mean, max or attention over valid steps."""
+    """The sequence summary the head reads: last, mean, max or attention over valid steps,
+    or `concat`: last, max and mean side by side (ULMFiT's concat pooling, Howard and Ruder
+    2018), so the head has 3x the features."""
 
     def __init__(self, kind: str, features: int):
         super().__init__()
@@ -187,12 +190,26 @@ class Pool(nn.Module):
             return last
         valid = valid_steps(states, lengths)
         if self.kind == "mean":
-            total = torch.where(valid, states, torch.zeros_like(states)).sum(1)
-            return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
+            return masked_mean(states, valid, lengths)
         if self.kind == "max":
-            return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
+            return masked_max(states, valid)
+        if self.kind == "concat":
+            return torch.cat(
+                [last, masked_max(states, valid), masked_mean(states, valid, lengths)], dim=1
+            )
         scores = self.score(states).masked_fill(~valid, -torch.inf)  # [B, T, 1]
         return (torch.softmax(scores, dim=1) * states).sum(1)
+
+
+def masked_mean(states: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor):
+    """Mean over each sequence's valid steps: [B, T, F] -> [B, F]."""
+    total = torch.where(valid, states, torch.zeros_like(states)).sum(1)
+    return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
+
+
+def masked_max(states: torch.Tensor, valid: torch.Tensor):
+    """Elementwise max over each sequence's valid steps: [B, T, F] -> [B, F]."""
+    return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
 
 
 def valid_steps(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -234,7 +251,8 @@ class RNNClassifier(nn.Module):
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         self.pool = Pool(cfg.pool, features)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(features, cfg.num_classes)
+        summary = features * (3 if cfg.pool == "concat" else 1)
+        self.head = nn.Linear(summary, cfg.num_classes)
 
     def inputs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """What the core reads at each step: [B, T, embedding_dim (+ conv_channels)]."""

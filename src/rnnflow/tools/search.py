@@ -40,7 +40,7 @@ SPACE: dict[str, tuple] = {
     # 256 is left out: it lost accuracy per minute on three corpora
     "model.defaults.hidden_size": ("categorical", [64, 128]),
     "model.defaults.embedding_dim": ("categorical", [32, 64, 128]),
-    "model.defaults.pool": ("categorical", ["last", "mean", "max", "attention"]),
+    "model.defaults.pool": ("categorical", ["last", "mean", "max", "attention", "concat"]),
     "model.defaults.conv_width": ("categorical", [0, 3, 5]),  # 0: no n-gram convolution
     "model.defaults.dropout": ("float", 0.0, 0.5),
     "model.defaults.embedding_dropout": ("float", 0.0, 0.3),
