@@ -184,6 +184,7 @@ class Pool(nn.Module):
         super().__init__()
         self.kind = kind
         self.score = nn.Linear(features, 1) if kind == "attention" else None
+        self.out_features = features * (3 if kind == "concat" else 1)  # what the head reads
 
     def forward(self, states, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.kind == "last":
@@ -251,8 +252,7 @@ class RNNClassifier(nn.Module):
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         self.pool = Pool(cfg.pool, features)
         self.dropout = nn.Dropout(cfg.dropout)
-        summary = features * (3 if cfg.pool == "concat" else 1)
-        self.head = nn.Linear(summary, cfg.num_classes)
+        self.head = nn.Linear(self.pool.out_features, cfg.num_classes)
 
     def inputs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """What the core reads at each step: [B, T, embedding_dim (+ conv_channels)]."""
