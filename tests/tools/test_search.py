@@ -72,6 +72,8 @@ def test_a_study_records_every_trial_and_the_best(searchable, monkeypatch):
     command = search.experiment_command(report)
     assert command[:6] == ["dvc", "exp", "run", "--temp", "--name", "search-s"]
     assert command.count("-S") == len(search.SPACE)
+    bidirectional = report["best"]["options"]["model.defaults.bidirectional"]
+    assert f"model.defaults.bidirectional={str(bidirectional).lower()}" in command  # YAML
 
 
 def test_a_pruned_trial_stops_early_and_says_so(searchable):

@@ -42,6 +42,8 @@ SPACE: dict[str, tuple] = {
     "model.defaults.embedding_dim": ("categorical", [32, 64, 128]),
     "model.defaults.pool": ("categorical", ["last", "mean", "max", "attention", "concat"]),
     "model.defaults.conv_width": ("categorical", [0, 3, 5]),  # 0: no n-gram convolution
+    "model.defaults.conv_channels": ("categorical", [64, 128, 256]),  # read when conv_width > 0
+    "model.defaults.bidirectional": ("categorical", [False, True]),
     "model.defaults.dropout": ("float", 0.0, 0.5),
     "model.defaults.embedding_dropout": ("float", 0.0, 0.3),
     "train.lr": ("log", 5e-4, 1e-2),
@@ -293,6 +295,8 @@ def to_markdown(report: dict) -> str:
 
 
 def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # YAML's spelling, for `-S` and the report alike
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
