@@ -11,6 +11,7 @@ from rnnflow.analysis.gradients import (
     layer_weights,
     state_gradient_norms,
     unrolled_logits,
+    zero_deltas,
 )
 from rnnflow.core.config import Params
 from rnnflow.data.batching import PackedSplit
@@ -46,63 +47,90 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
 
 
 @pytest.mark.parametrize(
-    ("variant", "pool"),
-    [(v, "last") for v in VARIANTS]
-    + [("rnn_deep", "mean"), ("gru", "attention"), ("lstm", "max"), ("rnn_cell_deep", "concat")],
+    ("variant", "pool", "bidirectional"),
+    [(v, "last", False) for v in VARIANTS]
+    + [(v, "last", True) for v in VARIANTS]
+    + [
+        ("rnn_deep", "mean", False),
+        ("gru", "attention", False),
+        ("lstm", "max", False),
+        ("rnn_cell_deep", "concat", False),
+        ("lstm", "concat", True),
+        ("rnn_cell_deep", "max", True),
+    ],
 )
 @pytest.mark.parametrize("conv_width", [0, 3])
-def test_unrolled_model_is_the_model(variant, pool, conv_width):
-    """Pooled models too: the unrolled states go through the model's own pooling; with the
-    n-gram convolution, the unrolled steps read its features."""
-    model = make(variant, False, pool=pool, conv_width=conv_width, conv_channels=4).eval()
+def test_unrolled_model_is_the_model(variant, pool, bidirectional, conv_width):
+    """Pooled and bidirectional models too: the unrolled states go through the model's own
+    pooling, the backward direction runs from the last position to 0; with the n-gram
+    convolution, the unrolled steps read its features."""
+    model = make(variant, bidirectional, pool=pool, conv_width=conv_width, conv_channels=4)
+    model = model.eval()
     tokens, lengths = padded([9, 9, 9, 9], seed=3)
-    _, layers = layer_weights(model)
-    zeros = [[torch.zeros(4, model.cfg.hidden_size) for _ in range(9)] for _ in layers]
     with torch.no_grad():
         expected = model(tokens, lengths)
-        assert torch.allclose(unrolled_logits(model, tokens, zeros), expected, atol=1e-6, rtol=0)
+        got = unrolled_logits(model, tokens, zero_deltas(model, 4, 9))
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["rnn_deep", "lstm", "gru"])
-def test_state_gradients_match_finite_differences(variant):
+@pytest.mark.parametrize(
+    ("variant", "bidirectional"),
+    [("rnn_deep", False), ("lstm", False), ("gru", False), ("gru", True), ("rnn_cell_deep", True)],
+)
+def test_state_gradients_match_finite_differences(variant, bidirectional):
     """dL/dh_t from autograd equals (L(h_t + eps e_j) - L(h_t - eps e_j)) / 2 eps, in float64,
-    for every layer and step of a tiny model."""
-    model = make(variant, False).double().eval()
+    for every layer, direction and step of a tiny model."""
+    model = make(variant, bidirectional).double().eval()
     tokens, _ = padded([6, 6], seed=5)
     labels = torch.tensor([1, 2])
     norms = state_gradient_norms(model, tokens, labels)
     _, layers = layer_weights(model)
-    assert norms.shape == (len(layers), 2, 6)
+    directions = 2 if bidirectional else 1
+    assert norms.shape == (len(layers), directions, 2, 6)
     hidden, eps = model.cfg.hidden_size, 1e-6
 
-    def loss(layer, t, row, j, step):
-        deltas = [[torch.zeros(2, hidden, dtype=torch.float64) for _ in range(6)] for _ in layers]
-        deltas[layer][t][row, j] = step
+    def loss(layer, direction, t, row, j, step):
+        deltas = zero_deltas(model, 2, 6, dtype=torch.float64)
+        deltas[layer][direction][t][row, j] = step
         logits = unrolled_logits(model, tokens, deltas)
         return float(F.cross_entropy(logits, labels, reduction="sum"))
 
     with torch.no_grad():
         for layer in range(len(layers)):
-            for t in (0, 3, 5):
-                for row in (0, 1):
-                    grad = [
-                        (loss(layer, t, row, j, eps) - loss(layer, t, row, j, -eps)) / (2 * eps)
-                        for j in range(hidden)
-                    ]
-                    assert norms[layer, row, t] == pytest.approx(np.linalg.norm(grad), rel=1e-6)
+            for direction in range(directions):
+                for t in (0, 3, 5):
+                    for row in (0, 1):
+                        grad = [
+                            (
+                                loss(layer, direction, t, row, j, eps)
+                                - loss(layer, direction, t, row, j, -eps)
+                            )
+                            / (2 * eps)
+                            for j in range(hidden)
+                        ]
+                        expected = np.linalg.norm(grad)
+                        assert norms[layer, direction, row, t] == pytest.approx(expected, rel=1e-6)
 
 
-def test_last_step_gradient_is_the_heads_own():
-    """At the last step dL/dh is W_head^T (softmax - onehot): an independent formula."""
-    model = make("gru", False).eval()
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_last_step_gradient_is_the_heads_own(bidirectional):
+    """Where a direction ends (forward: the last position; backward: position 0) dL/dh is
+    that direction's block of W_head^T (softmax - onehot): an independent formula."""
+    model = make("gru", bidirectional).eval()
     tokens, lengths = padded([7, 7, 7], seed=2)
     labels = torch.tensor([0, 3, 1])
     norms = state_gradient_norms(model, tokens, labels)
+    hidden = model.cfg.hidden_size
     with torch.no_grad():
         p = F.softmax(model(tokens, lengths), dim=1)
         p[torch.arange(3), labels] -= 1
-        expected = (p @ model.head.weight).norm(dim=1).numpy()
-    np.testing.assert_allclose(norms[-1, :, -1], expected, rtol=1e-5)
+        head = (p @ model.head.weight).numpy()  # dL/d(pooled features)
+    np.testing.assert_allclose(
+        norms[-1, 0, :, -1], np.linalg.norm(head[:, :hidden], axis=1), rtol=1e-5
+    )
+    if bidirectional:
+        backward = np.linalg.norm(head[:, hidden:], axis=1)
+        np.testing.assert_allclose(norms[-1, 1, :, 0], backward, rtol=1e-5)
 
 
 def test_flow_series_has_one_value_per_step_and_a_fitted_decay():
@@ -115,10 +143,10 @@ def test_flow_series_has_one_value_per_step_and_a_fitted_decay():
     split = PackedSplit(tokens, lengths.astype(np.int64), rng.integers(0, 3, size=200))
     groups = [np.flatnonzero(lengths == n) for n in np.unique(lengths)]
     mean_log10, count = flow(model, split, groups)
-    assert mean_log10.shape == (1, 15) and count.shape == (15,)
+    assert mean_log10.shape == (1, 1, 15) and count.shape == (15,)
     assert count[0] == 200 and all(np.diff(count) <= 0)  # fewer sequences reach further back
     assert count[-1] == (lengths == 15).sum()
-    decay = decay_per_step(mean_log10[0], count)
+    decay = decay_per_step(mean_log10[0, 0], count)
     assert decay is not None and 0 < decay < 1  # an untrained tanh RNN: vanishing
     # an exact geometric series is fitted exactly
     assert decay_per_step(np.log10(0.5) * np.arange(10), np.full(10, 50)) == pytest.approx(0.5)

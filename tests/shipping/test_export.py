@@ -186,7 +186,7 @@ def test_classification_report_numbers():
 def shipped(workspace):
     """Two variants trained, evaluated, exported and validated in the small workspace."""
     raw = small_params()
-    raw["model"]["variants"] = {"rnn_cell_deep": {"num_layers": 2}, "lstm": {}}
+    raw["model"]["variants"] = {"rnn_cell_deep": {"num_layers": 2}, "lstm": {"bidirectional": True}}
     params = write_params(workspace, raw)
     for variant in raw["model"]["variants"]:
         train_variant(params, variant)
@@ -227,6 +227,12 @@ def test_stages_produce_a_validated_bundle_and_leaderboard(workspace, shipped):
         assert run.data.metrics["onnx_parity_passed"] == 1.0
         assert run.data.metrics["test_accuracy"] == evaluation["accuracy"]  # logged by export
         assert run.data.metrics["grad_decay_per_step"] > 0  # by compare, from gradients@V
+        flow = json.loads((workspace / f"metrics/gradients/{variant}.json").read_text())
+        directions = 2 if variant == "lstm" else 1  # lstm is bidirectional here
+        assert flow["directions"] == directions and flow["sequences"] > 0
+        backward = [row.get("log10_grad_norm_backward") for row in flow["series"]]
+        assert (backward[0] is not None) == (directions == 2)  # each direction on its own axis
+        assert ("decay_per_step_backward" in flow) == (directions == 2)
         client = mlflow.MlflowClient()
         (version,) = client.search_model_versions(f"name='rnnflow' and run_id='{run.info.run_id}'")
         assert version.tags["variant"] == variant

@@ -11,6 +11,12 @@ to a zero added to h_t, i.e. through every later step and layer.
 Written to metrics/gradients/VARIANT.json: per step before the end of the sequence
 (k = T - 1 - t; the head reads k = 0) the mean log10 norm over sequences, and the decay per
 step fitted to it (10 ** slope of log10 norm against k: below 1 vanishing, above 1 exploding).
+
+Bidirectional models: each direction is measured on its own time axis. The forward direction
+is read as above (the headline series and decays); the backward direction reads the text
+from its end to its start, so its "steps before the end" are k = t (its last state, at
+position 0, is what the head's `last` reads) and it is written beside the forward one
+(`log10_grad_norm_backward`, `decay_per_step_backward`).
 """
 
 from pathlib import Path
@@ -22,7 +28,6 @@ from torch import nn
 
 from rnnflow.core.atomic import write_json
 from rnnflow.core.config import Params
-from rnnflow.core.errors import RnnflowError
 from rnnflow.core.paths import PACKED, TOKENIZER_DIR, metrics_file
 from rnnflow.core.paths import checkpoint as checkpoint_path
 from rnnflow.data.batching import PackedSplit
@@ -35,69 +40,85 @@ SEQUENCES = 512  # test sequences in the fixed set
 MIN_SEQUENCES = 20  # a step enters the decay fit only if this many sequences reach it
 
 
-def layer_weights(model: RNNClassifier) -> tuple[str, list[tuple[torch.Tensor, ...]]]:
-    """(cell kind, per layer (w_ih, w_hh, b_ih, b_hh)) of a unidirectional model."""
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w_ih w_hh b_ih b_hh
+
+
+def layer_weights(model: RNNClassifier) -> tuple[str, list[list[Weights]]]:
+    """(cell kind, per layer the weights of each direction: forward, then backward)."""
     core = model.core
-    if model.cfg.bidirectional:
-        raise RnnflowError(
-            f"gradients@{model.cfg.variant}: bidirectional models have no single direction "
-            "of time to follow; set bidirectional: false for this variant"
-        )
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     if isinstance(core, CellLoopCore):
-        kind = f"rnn_{model.cfg.nonlinearity}"
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return kind, [tuple(getattr(c, n) for n in names) for c in core.cells]
+        directions = [core.cells]
+        if core.cells_reverse is not None:
+            directions.append(core.cells_reverse)
+        layers = [
+            [tuple(getattr(cells[i], n) for n in names) for cells in directions]
+            for i in range(len(core.cells))
+        ]
+        return f"rnn_{model.cfg.nonlinearity}", layers
     rnn = core.rnn
     kinds = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: f"rnn_{model.cfg.nonlinearity}"}
-    kind = kinds[type(rnn)]
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    return kind, [tuple(getattr(rnn, f"{n}_l{i}") for n in names) for i in range(rnn.num_layers)]
+    suffixes = ["", "_reverse"] if rnn.bidirectional else [""]
+    layers = [
+        [tuple(getattr(rnn, f"{n}_l{i}{s}") for n in names) for s in suffixes]
+        for i in range(rnn.num_layers)
+    ]
+    return kinds[type(rnn)], layers
 
 
 def unrolled_logits(
-    model: RNNClassifier, tokens: torch.Tensor, deltas: list[list[torch.Tensor]]
+    model: RNNClassifier, tokens: torch.Tensor, deltas: list[list[list[torch.Tensor]]]
 ) -> torch.Tensor:
-    """The model's logits for equal-length sequences, step by step, with deltas[layer][t]
-    added to the hidden state after step t (zeros: the model's own function)."""
+    """The model's logits for equal-length sequences, step by step, with
+    deltas[layer][direction][t] added to that direction's hidden state at position t (zeros:
+    the model's own function). The backward direction runs from the last position to 0."""
     kind, layers = layer_weights(model)
     batch, steps = tokens.shape
     lengths = torch.full((batch,), steps, dtype=torch.int64)  # equal lengths: no padding
     x = model.inputs(tokens, lengths)  # [B, T, E] (with the n-gram features, if any)
-    for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(layers):
-        h = x.new_zeros(batch, w_hh.shape[1])
-        c = h
-        states = []
-        for t in range(steps):
-            if kind == "lstm":
-                h, c = torch.lstm_cell(x[:, t], (h, c), w_ih, w_hh, b_ih, b_hh)
-            elif kind == "gru":
-                h = torch.gru_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
-            elif kind == "rnn_relu":
-                h = torch.rnn_relu_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
-            else:
-                h = torch.rnn_tanh_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
-            h = h + deltas[layer][t]
-            states.append(h)
-        x = torch.stack(states, dim=1)
-    return model.head(model.pool(x, h, lengths))
+    for layer, directions in enumerate(layers):
+        outputs, lasts = [], []
+        for direction, (w_ih, w_hh, b_ih, b_hh) in enumerate(directions):
+            h = c = x.new_zeros(batch, w_hh.shape[1])
+            states = [h] * steps
+            for t in range(steps) if direction == 0 else reversed(range(steps)):
+                if kind == "lstm":
+                    h, c = torch.lstm_cell(x[:, t], (h, c), w_ih, w_hh, b_ih, b_hh)
+                elif kind == "gru":
+                    h = torch.gru_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+                elif kind == "rnn_relu":
+                    h = torch.rnn_relu_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+                else:
+                    h = torch.rnn_tanh_cell(x[:, t], h, w_ih, w_hh, b_ih, b_hh)
+                h = h + deltas[layer][direction][t]
+                states[t] = h
+            outputs.append(torch.stack(states, dim=1))
+            lasts.append(h)  # forward: at the last position; backward: at position 0
+        x = torch.cat(outputs, dim=2)
+    return model.head(model.pool(x, torch.cat(lasts, dim=1), lengths))
+
+
+def zero_deltas(model: RNNClassifier, batch: int, steps: int, **options):
+    """deltas[layer][direction][t] for `unrolled_logits`: zeros [batch, hidden]."""
+    _, layers = layer_weights(model)
+    hidden = model.cfg.hidden_size
+    return [
+        [[torch.zeros(batch, hidden, **options) for _ in range(steps)] for _ in directions]
+        for directions in layers
+    ]
 
 
 def state_gradient_norms(model: RNNClassifier, tokens: torch.Tensor, labels: torch.Tensor):
-    """||dL/dh_t|| per layer, sequence and step: array [layers, B, T]; L is the summed
-    cross-entropy, so each sequence's gradient is its own."""
-    _, layers = layer_weights(model)
+    """||dL/dh_t|| per layer, direction, sequence and step: array [layers, directions, B, T];
+    L is the summed cross-entropy, so each sequence's gradient is its own."""
     batch, steps = tokens.shape
-    hidden = model.cfg.hidden_size
     dtype = model.embedding.weight.dtype
-    deltas = [
-        [torch.zeros(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(steps)]
-        for _ in layers
-    ]
+    deltas = zero_deltas(model, batch, steps, dtype=dtype, requires_grad=True)
     loss = F.cross_entropy(unrolled_logits(model, tokens, deltas), labels, reduction="sum")
-    flat = [d for layer in deltas for d in layer]
+    flat = [d for layer in deltas for direction in layer for d in direction]
     grads = torch.autograd.grad(loss, flat)
-    norms = torch.stack([g.norm(dim=1) for g in grads]).reshape(len(layers), steps, batch)
-    return norms.permute(0, 2, 1).numpy()
+    norms = torch.stack([g.norm(dim=1) for g in grads])
+    return norms.reshape(len(deltas), len(deltas[0]), steps, batch).permute(0, 1, 3, 2).numpy()
 
 
 def fixed_sequences(split: PackedSplit, count: int, seed: int) -> list[np.ndarray]:
@@ -111,12 +132,13 @@ def fixed_sequences(split: PackedSplit, count: int, seed: int) -> list[np.ndarra
 def flow(
     model: RNNClassifier, split: PackedSplit, groups: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean log10 ||dL/dh|| per layer and step before the end: [layers, max T] (NaN where no
-    sequence is that long), and the number of sequences per step."""
+    """Mean log10 ||dL/dh|| per layer, direction and step before that direction's end:
+    [layers, directions, max T] (NaN where no sequence is that long), and the number of
+    sequences per step."""
     model.eval()
     _, layers = layer_weights(model)
     longest = int(max(split.lengths[g[0]] for g in groups))
-    total = np.zeros((len(layers), longest))
+    total = np.zeros((len(layers), len(layers[0]), longest))
     count = np.zeros(longest)
     for group in groups:
         tokens, lengths, labels = split.batch(group)
@@ -124,8 +146,9 @@ def flow(
         norms = state_gradient_norms(
             model, torch.from_numpy(tokens[:, :steps].astype(np.int64)), torch.from_numpy(labels)
         )
-        logs = np.log10(np.maximum(norms, 1e-30))[:, :, ::-1]  # [layers, B, k]
-        total[:, :steps] += logs.sum(axis=1)
+        logs = np.log10(np.maximum(norms, 1e-30))  # [layers, directions, B, t]
+        logs[:, 0] = logs[:, 0, :, ::-1]  # forward: k = T - 1 - t; backward: k = t
+        total[:, :, :steps] += logs.sum(axis=2)
         count[:steps] += len(group)
     with np.errstate(invalid="ignore"):
         return total / count, count
@@ -152,16 +175,19 @@ def gradient_flow(params: Params, variant: str, packed_dir: Path = PACKED) -> di
     initial = RNNClassifier(model.cfg)
     split = PackedSplit.load(packed_dir / "test.npz")
     groups = fixed_sequences(split, SEQUENCES, params.seed)
-    trained, count = flow(model, split, groups)
+    trained, count = flow(model, split, groups)  # [layers, directions, steps]
     at_init, _ = flow(initial, split, groups)
+    top, top_init = trained[-1], at_init[-1]  # the last layer's directions
+    backward = len(top) == 2
     series = [
         {
             "steps_before_end": k,
-            "log10_grad_norm": _num(trained[-1, k]),
-            "log10_grad_norm_init": _num(at_init[-1, k]),
+            "log10_grad_norm": _num(top[0, k]),
+            "log10_grad_norm_init": _num(top_init[0, k]),
             "sequences": int(count[k]),
         }
-        | {f"log10_grad_norm_layer{i}": _num(trained[i, k]) for i in range(len(trained) - 1)}
+        | {f"log10_grad_norm_layer{i}": _num(trained[i, 0, k]) for i in range(len(trained) - 1)}
+        | ({"log10_grad_norm_backward": _num(top[1, k])} if backward else {})
         for k in range(len(count))
     ]
     report = {
@@ -169,11 +195,15 @@ def gradient_flow(params: Params, variant: str, packed_dir: Path = PACKED) -> di
         "variant": variant,
         "sequences": int(count[0]),
         "layers": len(trained),
-        "decay_per_step": _num(decay_per_step(trained[-1], count)),
-        "decay_per_step_init": _num(decay_per_step(at_init[-1], count)),
-        "decay_per_step_by_layer": [_num(decay_per_step(t, count)) for t in trained],
+        "directions": len(top),
+        "decay_per_step": _num(decay_per_step(top[0], count)),
+        "decay_per_step_init": _num(decay_per_step(top_init[0], count)),
+        "decay_per_step_by_layer": [_num(decay_per_step(t[0], count)) for t in trained],
         "fit_steps": int((count >= MIN_SEQUENCES).sum()),
     }
+    if backward:
+        report["decay_per_step_backward"] = _num(decay_per_step(top[1], count))
+        report["decay_per_step_backward_init"] = _num(decay_per_step(top_init[1], count))
     write_json(metrics_file("gradients", variant), report)
     return {k: v for k, v in report.items() if k != "series"}
 
