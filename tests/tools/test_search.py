@@ -130,3 +130,22 @@ def test_a_study_from_another_search_space_is_refused_before_training(searchable
         "CategoricalDistribution(choices=('last', 'max')); start a new study (--study NAME)"
     )
     assert not (searchable / "reports/search.json").exists()
+
+
+@pytest.mark.parametrize(("epochs", "first_pruned_epoch"), [(2, 2), (6, 2), (15, 5), (30, 10)])
+def test_the_pruner_waits_a_third_of_the_epochs(epochs, first_pruned_epoch):
+    """A trial far worse than three finished ones is pruned from max(2, epochs // 3) on."""
+    study = optuna.create_study(direction="minimize", pruner=search.median_pruner(epochs))
+    for _ in range(3):
+        done = study.ask()
+        for epoch in range(1, epochs + 1):
+            done.report(1.0, epoch)
+        study.tell(done, 1.0)
+    trial = study.ask()
+    pruned_at = None
+    for epoch in range(1, epochs + 1):
+        trial.report(9.0, epoch)
+        if trial.should_prune():
+            pruned_at = epoch
+            break
+    assert pruned_at == first_pruned_epoch

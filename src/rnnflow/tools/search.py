@@ -3,8 +3,9 @@
 Each trial trains the variant with the pipeline's own loop (rnnflow.training.train) on the
 packed data of the workspace, with options sampled by TPE from SPACE, and reports its
 validation loss after every epoch; the median pruner stops trials that are worse than the
-median of earlier trials at the same epoch. The objective is the best validation loss (the
-quantity training early-stops on); the validation accuracy rides along.
+median of earlier trials at the same epoch (from epoch 2, or a third of a trial's epochs).
+The objective is the best validation loss (the quantity training early-stops on); the
+validation accuracy rides along.
 
 Storage: `--storage URL`, else the team server's PostgreSQL (database `optuna`) when `make
 server` runs, so that several machines can work one study (Optuna's RDB storage is the
@@ -130,6 +131,16 @@ def rdb_storage(url: str, attempts: int = 5):
             time.sleep(1 + attempt)
 
 
+def median_pruner(epochs: int):
+    """Stop a trial whose validation loss is worse than the median of earlier trials at the
+    same epoch, from epoch 2 or a third of the trial's epochs, whichever is later: a warm-up
+    schedule's first epoch says little, and over 15 epochs a cosine schedule has barely
+    started at epoch 2 (a constant rate leads there and falls behind later)."""
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(2, epochs // 3))
+
+
 def objective(base: dict, variant: str, epochs: int):
     """The study's objective: train with a trial's options, log it, return its best
     validation loss; report each epoch's validation loss and prune on it."""
@@ -194,8 +205,7 @@ def search(
         storage=rdb_storage(url),
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=params.seed),
-        # never before epoch 2: a warm-up schedule's first epoch says little
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+        pruner=median_pruner(min(params.train.epochs, epochs)),  # what a trial trains
         load_if_exists=True,
     )
     check_space(study, where)
