@@ -33,7 +33,7 @@ from rnnflow.core.paths import checkpoint as checkpoint_path
 from rnnflow.data.batching import PackedSplit
 from rnnflow.data.text import file_hash
 from rnnflow.model import checkpoint
-from rnnflow.model.network import CellLoopCore, RNNClassifier
+from rnnflow.model.network import RNN_WEIGHTS, CellLoopCore, RNNClassifier
 from rnnflow.runtime import host
 
 SEQUENCES = 512  # test sequences in the fixed set
@@ -46,13 +46,9 @@ Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w_ih 
 def layer_weights(model: RNNClassifier) -> tuple[str, list[list[Weights]]]:
     """(cell kind, per layer the weights of each direction: forward, then backward)."""
     core = model.core
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     if isinstance(core, CellLoopCore):
-        directions = [core.cells]
-        if core.cells_reverse is not None:
-            directions.append(core.cells_reverse)
         layers = [
-            [tuple(getattr(cells[i], n) for n in names) for cells in directions]
+            [tuple(getattr(cells[i], n) for n in RNN_WEIGHTS) for _, cells in core.directions()]
             for i in range(len(core.cells))
         ]
         return f"rnn_{model.cfg.nonlinearity}", layers
@@ -60,7 +56,7 @@ def layer_weights(model: RNNClassifier) -> tuple[str, list[list[Weights]]]:
     kinds = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: f"rnn_{model.cfg.nonlinearity}"}
     suffixes = ["", "_reverse"] if rnn.bidirectional else [""]
     layers = [
-        [tuple(getattr(rnn, f"{n}_l{i}{s}") for n in names) for s in suffixes]
+        [tuple(getattr(rnn, f"{n}_l{i}{s}") for n in RNN_WEIGHTS) for s in suffixes]
         for i in range(rnn.num_layers)
     ]
     return kinds[type(rnn)], layers

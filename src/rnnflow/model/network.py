@@ -52,6 +52,9 @@ class ModelConfig:
         return asdict(self)
 
 
+RNN_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer's, as nn.RNN names them
+
+
 class TorchRNNCore(nn.Module):
     """nn.RNN / nn.LSTM / nn.GRU; returns the last layer's state at each sequence's true last
     step (and, bidirectional, the backward direction's at position 0)."""
@@ -126,6 +129,13 @@ class CellLoopCore(nn.Module):
         self.cells_reverse = cells() if cfg.bidirectional else None
         self.activation = torch.tanh if cfg.nonlinearity == "tanh" else torch.relu
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def directions(self) -> list[tuple[str, nn.ModuleList]]:
+        """(nn.RNN's parameter suffix, the layers' cells) per direction: forward, backward."""
+        pairs = [("", self.cells)]
+        if self.cells_reverse is not None:
+            pairs.append(("_reverse", self.cells_reverse))
+        return pairs
 
     def _run(self, cell: nn.RNNCell, x: torch.Tensor, valid: torch.Tensor, keep: bool):
         """One direction of one layer: (every step's state or None, the last state)."""
@@ -278,12 +288,9 @@ def as_torch_rnn(model: RNNClassifier) -> RNNClassifier:
     twin = RNNClassifier(model.cfg)
     twin.core = TorchRNNCore("rnn", model.core_cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("core.")}
-    directions = [("", model.core.cells)]
-    if model.core.cells_reverse is not None:
-        directions.append(("_reverse", model.core.cells_reverse))
-    for suffix, cells in directions:
+    for suffix, cells in model.core.directions():
         for i, cell in enumerate(cells):
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            for name in RNN_WEIGHTS:
                 state[f"core.rnn.{name}_l{i}{suffix}"] = getattr(cell, name).detach().clone()
     twin.load_state_dict(state)
     return twin.to(next(model.parameters()).device).train(model.training)
