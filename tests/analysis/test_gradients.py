@@ -40,8 +40,16 @@ def test_longrange_is_deterministic_balanced_and_labelled_by_its_first_character
 
 def test_longrange_params_make_pack_max_len_follow_the_length():
     raw = small_params(data={"source": "longrange", "length": 120, "size": 200})
+    raw["tokenize"]["marks"] = False
     params = Params(**raw)
     assert params.pack.max_len == 120 and params.token_level == "char"
+    for marks, level, max_len in [
+        (True, "auto", 122),
+        ("auto", "auto", 122),
+        ("auto", "word", 120),
+    ]:
+        raw["tokenize"] |= {"marks": marks, "level": level}  # <s> and </s>: two more tokens
+        assert Params(**raw).pack.max_len == max_len, (marks, level)
     other = small_params(pack={"max_len": 77})
     assert Params(**other).pack.max_len == 77  # other sources keep their own
 

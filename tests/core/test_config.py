@@ -29,7 +29,26 @@ def test_repository_params_are_valid():
     ]
     assert params.variant("rnn_deep").num_layers == 2
     assert params.variant("lstm").hidden_size == params.model.defaults.hidden_size
-    assert params.token_level == "char"
+    assert params.token_level == "char" and params.token_marks is True
+
+
+@pytest.mark.parametrize(
+    ("tokenize", "source", "marks"),
+    [
+        ({"marks": "auto"}, "builtin", True),  # auto: the char level only
+        ({"marks": "auto"}, "csv", False),
+        ({"marks": "auto", "level": "char"}, "csv", True),
+        ({"marks": "auto", "level": "bpe"}, "builtin", False),
+        ({"marks": True}, "csv", True),
+        ({"marks": False}, "builtin", False),
+    ],
+)
+def test_marks_auto_means_the_char_level(tmp_path, tokenize, source, marks):
+    def mutate(raw):
+        raw["tokenize"] |= tokenize
+        raw["data"] |= {"source": source, "path": "x.csv" if source == "csv" else None}
+
+    assert _load_with(tmp_path, mutate).token_marks is marks
 
 
 @pytest.mark.parametrize(
@@ -55,6 +74,10 @@ def test_repository_params_are_valid():
         (lambda r: r["model"]["variants"].update(gru={"conv_channels": 0}), "gru.conv_channels"),
         (lambda r: r["train"].update(label_smoothing=-0.1), "train.label_smoothing"),
         (lambda r: r["tokenize"].update(level="sentencepiece"), "tokenize.level: Input should"),
+        (
+            lambda r: r["tokenize"].update(marks="maybe"),
+            "tokenize.marks: Input should be 'auto', True or False",
+        ),
         (lambda r: r["train"].update(epochs="many"), "train.epochs: Input should be a valid int"),
         (lambda r: r.update(tokenise={}), "tokenise: Extra inputs are not permitted"),
     ],

@@ -2,7 +2,17 @@
 
 import json
 
-from rnnflow.data.text import PAD, PAD_ID, UNK_ID, build_tokenizer, encode, level_of, pad_batch
+from rnnflow.data.text import (
+    END_ID,
+    PAD,
+    PAD_ID,
+    START_ID,
+    UNK_ID,
+    build_tokenizer,
+    encode,
+    level_of,
+    pad_batch,
+)
 from rnnflow.data.vocab import fit_vocabulary
 
 from ..conftest import small_params, write_params
@@ -30,6 +40,23 @@ def test_word_level_min_freq_and_max_vocab():
     assert small.get_vocab_size() == 4  # the two specials and the two most frequent words
 
 
+def test_marks_wrap_every_text_and_leave_the_other_ids_as_they_were():
+    texts = ["the cat sat", "the dog sat", "a cat"]
+    for level in ("char", "word", "bpe", "wordpiece"):
+        plain = build_tokenizer(texts, level, lowercase=True, min_freq=1, max_vocab=60)
+        marked = build_tokenizer(texts, level, lowercase=True, min_freq=1, max_vocab=62, marks=True)
+        assert marked.id_to_token(START_ID) == "<s>" and marked.id_to_token(END_ID) == "</s>"
+        assert plain.token_to_id("<s>") is None  # off: no marks in the vocabulary at all
+        for text in ["the cat", "dog", "", "zebra <s>"]:
+            ids = [marked.id_to_token(i) for i in encode(marked, [text], 50)[0]]
+            inner = [plain.id_to_token(i) for i in encode(plain, [text], 50)[0]]
+            assert ids[0] == "<s>" and ids[-1] == "</s>", (level, text)
+            if "<s>" not in text:
+                assert ids[1:-1] == inner, (level, text)  # the same tokens between the marks
+    cut = encode(build_tokenizer(["abc"], "char", True, 1, 10, marks=True), ["abcabc"], 4)[0]
+    assert cut == [START_ID] + cut[1:] and END_ID not in cut and len(cut) == 4  # cut: no end
+
+
 def test_truncation_and_huge_line():
     tok = build_tokenizer(["abc"], "char", True, 1, 10)
     assert [len(x) for x in encode(tok, ["a" * 10_000_000, "ab"], max_len=32)] == [32, 2]
@@ -53,8 +80,8 @@ def test_vocabulary_is_fitted_on_train_only(workspace):
         lines = [json.dumps({"text": t, "label": lab}) for t, lab in items]
         (prepared / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     tok, _ = fit_vocabulary(write_params(workspace, small_params()))
-    assert set(tok.get_vocab()) == {"<pad>", "<unk>", "a", "b", "c"}
-    assert encode(tok, ["abq"], 10)[0][-1] == UNK_ID
+    assert set(tok.get_vocab()) == {"<pad>", "<unk>", "<s>", "</s>", "a", "b", "c"}
+    assert encode(tok, ["abq"], 10)[0][-2:] == [UNK_ID, END_ID]
 
 
 def test_fit_vocabulary_writes_labels(workspace):

@@ -10,6 +10,7 @@ import pytest
 
 from rnnflow.analysis.evaluate import evaluate_variant
 from rnnflow.core.errors import RnnflowError
+from rnnflow.data.text import END_ID, START_ID, encode, load_tokenizer
 from rnnflow.shipping.export import export_bundle
 from rnnflow.shipping.predict import Predictor
 from rnnflow.training.train import train_variant
@@ -83,6 +84,18 @@ def test_batching_does_not_change_results(bundle):
     batched = [r["probabilities"] for r in predictor.predict(texts, batch_size=4)]
     for a, b in zip(one_by_one, batched, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_tokens_count_the_text_not_its_marks(bundle):
+    tok = load_tokenizer(bundle / "tokenizer.json")
+    assert encode(tok, ["Li"], 128)[0] == [
+        START_ID,
+        tok.token_to_id("l"),
+        tok.token_to_id("i"),
+        END_ID,
+    ]
+    results = Predictor(bundle).predict(["Nakamura", "☃☃☃", "Li"])
+    assert [r["tokens"] for r in results] == [8, 3, 2]
 
 
 def test_predict_errors(bundle, workspace):

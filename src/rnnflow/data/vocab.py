@@ -34,6 +34,7 @@ def fit_vocabulary(params: Params, out_dir: Path = TOKENIZER_DIR, train_file: Pa
         lowercase=params.tokenize.lowercase,
         min_freq=params.tokenize.min_freq,
         max_vocab=params.tokenize.max_vocab,
+        marks=params.token_marks,
     )
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tok.save(str(tmp))
@@ -46,6 +47,7 @@ def fit_vocabulary(params: Params, out_dir: Path = TOKENIZER_DIR, train_file: Pa
             unknown += encoding.ids.count(UNK_ID)
     report = {
         "level": params.token_level,
+        "marks": params.token_marks,
         "vocab_size": tok.get_vocab_size(),
         "classes": len(classes),
         "train_tokens": n_tokens,

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from rnnflow.core.errors import RnnflowError
-from rnnflow.data.text import UNK_ID, encode, file_hash, load_tokenizer, pad_batch
+from rnnflow.data.text import UNK_ID, encode, file_hash, load_tokenizer, own_ids, pad_batch
 
 BUNDLE_FILES = ("model.onnx", "tokenizer.json", "labels.json", "bundle.json")
 INT8_FILE = "model.int8.onnx"  # the same model with int8 weights (export writes both)
@@ -66,11 +66,12 @@ class Predictor:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             ids = encode(self.tokenizer, chunk, self.meta["max_len"])
-            for i, seq in enumerate(ids):
+            own = [own_ids(self.tokenizer, seq) for seq in ids]  # without <s> and </s>
+            for i, seq in enumerate(own):
                 if not seq:
                     raise RnnflowError(f"text #{start + i + 1} gives no token; nothing to classify")
             probs = softmax(self.logits(*pad_batch(ids)))
-            for text, seq, p in zip(chunk, ids, probs, strict=True):
+            for text, seq, p in zip(chunk, own, probs, strict=True):
                 result = {
                     "text": text,
                     "label": self.labels[int(p.argmax())],

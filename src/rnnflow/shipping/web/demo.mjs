@@ -46,7 +46,7 @@ async function classify(bundle, texts) {
     const chunk = texts.slice(start, start + BATCH);
     const ids = chunk.map((t) => bundle.tokenizer.encode(t));
     ids.forEach((seq, i) => {
-      if (seq.length === 0) throw new Error(`text #${start + i + 1} gives no token; nothing to classify`);
+      if (bundle.tokenizer.ownIds(seq).length === 0) throw new Error(`text #${start + i + 1} gives no token; nothing to classify`);
     });
     const width = Math.max(...ids.map((s) => s.length));
     const tokens = new BigInt64Array(chunk.length * width);

@@ -3,11 +3,12 @@
 //   model          WordLevel with an unknown token
 //   normalizer     Sequence of NFC, then Lowercase when tokenize.lowercase is on
 //   pre_tokenizer  char level: Split on Regex "." (Isolated); word level: Whitespace
-//   added tokens   <pad> and <unk>, matched in the raw text before normalizing
+//   added tokens   <pad> and <unk> (and <s>, </s>), matched in the raw text before normalizing
+//   post_processor none, or TemplateProcessing "<s> $A </s>" (tokenize.marks)
 // Hugging Face's tokenizers.js (@huggingface/tokenizers 0.2) has no WordLevel model and
 // splits non-ASCII words differently, so it does not fit; anything else is refused by name.
 // Truncation is Python's: the text is cut to max_len * CHARS_PER_TOKEN code points first,
-// then the ids to max_len.
+// then the ids, marks included, to max_len.
 
 const CHARS_PER_TOKEN = { char: 2, word: 64 };
 // Oniguruma's Unicode \w (Alphabetic, Mark, Decimal_Number, Connector_Punctuation,
@@ -43,13 +44,23 @@ export class BundleTokenizer {
     this.unk = this.vocab.get(json.model.unk_token);
     if (this.unk === undefined) fail("no unknown token");
     this.added = new Map((json.added_tokens ?? []).map((t) => [t.content, t.id]));
+    this.marks = null; // [id of <s>, id of </s>] when every text is wrapped in them
+    const post = json.post_processor;
+    if (post != null) {
+      const single = (post.single ?? []).map((p) => p.SpecialToken?.id ?? `$${p.Sequence?.id}`);
+      const [start, end] = ["<s>", "</s>"].map((m) => post.special_tokens?.[m]?.ids ?? []);
+      if (post.type !== "TemplateProcessing" || single.join(" ") !== "<s> $A </s>" || start.length !== 1 || end.length !== 1) {
+        fail(`post_processor ${post.type} ${single.join(" ")}`);
+      }
+      this.marks = [start[0], end[0]];
+    }
   }
 
   /** Token ids of one text, as Python's `encode(tok, [text], max_len)[0]`. */
   encode(text) {
     const limit = this.maxLen * CHARS_PER_TOKEN[this.level];
     const cut = Array.from(text).slice(0, limit).join("");
-    const ids = [];
+    const ids = this.marks ? [this.marks[0]] : [];
     for (const [piece, addedId] of this.#splitAdded(cut)) {
       if (addedId !== undefined) {
         ids.push(addedId);
@@ -59,7 +70,14 @@ export class BundleTokenizer {
         ids.push(this.vocab.get(token) ?? this.unk);
       }
     }
+    if (this.marks) ids.push(this.marks[1]);
     return ids.slice(0, this.maxLen);
+  }
+
+  /** A text's own ids: `encode`'s without the marks (a cut text has lost its end mark). */
+  ownIds(ids) {
+    if (!this.marks) return ids;
+    return ids.at(-1) === this.marks[1] ? ids.slice(1, -1) : ids.slice(1);
   }
 
   // [piece, id of an added token or undefined], leftmost-longest, as tokenizers' AddedVocabulary
