@@ -131,9 +131,9 @@ class Params(_Strict):
         if isinstance(data, dict) and data.get("source") == "longrange":
             length = data.get("length", DataParams.model_fields["length"].default)
             tokenize = raw.get("tokenize") or {}
-            marks, level = tokenize.get("marks", "auto"), tokenize.get("level", "auto")
-            on = marks is True or (marks == "auto" and level in ("auto", "char"))
-            raw = raw | {"pack": (raw.get("pack") or {}) | {"max_len": length + 2 * on}}
+            level = resolve_level(tokenize.get("level", "auto"), "longrange")
+            marks = resolve_marks(tokenize.get("marks", "auto"), level)
+            raw = raw | {"pack": (raw.get("pack") or {}) | {"max_len": length + 2 * marks}}
         return raw
 
     @model_validator(mode="after")
@@ -161,20 +161,28 @@ class Params(_Strict):
 
     @property
     def token_level(self) -> Literal["char", "word", "bpe", "wordpiece"]:
-        """The tokenization level; `auto` is char for the builtin surnames and the longrange
-        characters, word otherwise."""
-        if self.tokenize.level != "auto":
-            return self.tokenize.level
-        return "char" if self.data.source in ("builtin", "longrange") else "word"
+        """The tokenization level (`auto` resolved)."""
+        return resolve_level(self.tokenize.level, self.data.source)
 
     @property
     def token_marks(self) -> bool:
-        """Whether every text is wrapped in `<s>` ... `</s>`; `auto` is on at the char level
-        only (measured: a name's ending is its strongest cue; on word-level text it lifted
-        two corpora and lowered a third, docs "Pipeline and data")."""
-        if self.tokenize.marks == "auto":
-            return self.token_level == "char"
-        return self.tokenize.marks
+        """Whether every text is wrapped in `<s>` ... `</s>` (`auto` resolved)."""
+        return resolve_marks(self.tokenize.marks, self.token_level)
+
+
+def resolve_level(level: str, source: str) -> str:
+    """tokenize.level: `auto` is char for the builtin surnames and the longrange characters,
+    word otherwise."""
+    if level != "auto":
+        return level
+    return "char" if source in ("builtin", "longrange") else "word"
+
+
+def resolve_marks(marks: object, level: str) -> bool:
+    """tokenize.marks at a resolved level: `auto` is on at the char level only (measured: a
+    name's ending is its strongest cue; on word-level text the marks lifted two corpora and
+    lowered a third, docs "Pipeline and data")."""
+    return marks is True or (marks == "auto" and level == "char")
 
 
 def _describe(err: ValidationError, path: Path, prefix: str = "") -> str:
