@@ -49,7 +49,8 @@ def _records(repo_copy: Path) -> Path:
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     """A git repository holding the tracked files of this one, with small params (lr 0.01:
-    two epochs of the default cosine schedule at lr 0.002 leave these tiny models at chance)."""
+    two epochs of the cosine schedule at lr 0.002, the old default, left these tiny models
+    at chance)."""
     raw = small_params(data={"max_per_class": 60}, train={"lr": 0.01})
     return make_repo_copy(tmp_path_factory.mktemp("clone") / "rnnflow", raw)
 
