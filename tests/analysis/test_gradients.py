@@ -67,12 +67,20 @@ def test_longrange_params_make_pack_max_len_follow_the_length():
         ("rnn_cell_deep", "max", True),
     ],
 )
-@pytest.mark.parametrize("conv_width", [0, 3])
-def test_unrolled_model_is_the_model(variant, pool, bidirectional, conv_width):
+@pytest.mark.parametrize(("conv_width", "ngram_bag"), [(0, ()), (3, (2, 3))])
+def test_unrolled_model_is_the_model(variant, pool, bidirectional, conv_width, ngram_bag):
     """Pooled and bidirectional models too: the unrolled states go through the model's own
     pooling, the backward direction runs from the last position to 0; with the n-gram
-    convolution, the unrolled steps read its features."""
-    model = make(variant, bidirectional, pool=pool, conv_width=conv_width, conv_channels=4)
+    convolution, the unrolled steps read its features; the head reads the n-gram bag too."""
+    model = make(
+        variant,
+        bidirectional,
+        pool=pool,
+        conv_width=conv_width,
+        conv_channels=4,
+        ngram_bag=ngram_bag,
+        ngram_buckets=64,
+    )
     model = model.eval()
     tokens, lengths = padded([9, 9, 9, 9], seed=3)
     with torch.no_grad():

@@ -72,6 +72,13 @@ def test_marks_auto_means_the_char_level(tmp_path, tokenize, source, marks):
             "model.defaults.conv_width: must be 0 (no convolution) or odd",
         ),
         (lambda r: r["model"]["variants"].update(gru={"conv_channels": 0}), "gru.conv_channels"),
+        (
+            lambda r: r["model"]["defaults"].update(ngram_bag=[2, 2]),
+            "model.defaults.ngram_bag: must be distinct n-gram lengths from 1 to 8, e.g. [2, 3], "
+            "not [2, 2]",
+        ),
+        (lambda r: r["model"]["variants"].update(lstm={"ngram_bag": [0]}), "lstm.ngram_bag"),
+        (lambda r: r["model"]["defaults"].update(ngram_buckets=0), "model.defaults.ngram_buckets"),
         (lambda r: r["train"].update(label_smoothing=-0.1), "train.label_smoothing"),
         (lambda r: r["tokenize"].update(level="sentencepiece"), "tokenize.level: Input should"),
         (

@@ -256,10 +256,61 @@ def test_ngram_features_are_each_windows_convolution():
                 assert torch.allclose(features[row, t, 8:], expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(("variant", "bidirectional"), [("gru", False), ("rnn_cell", True)])
+def test_ngram_bag_never_reads_padding(variant, bidirectional):
+    """An n-gram reaching past a text's end is not in its bag, whatever lies there."""
+    model = make(variant, bidirectional, ngram_bag=(1, 2, 3), ngram_buckets=97)
+    assert_padding_never_leaks(model)
+
+
+def test_ngram_bag_is_the_mean_of_each_ngrams_hashed_row():
+    """The bag, computed by hand: every n-gram inside the text, hashed as a polynomial in its
+    token ids (base: the vocabulary, seeded by n, reduced modulo the buckets), one row each,
+    averaged; a text shorter than every n reads zeros."""
+    model = make("gru", ngram_bag=(2, 3), ngram_buckets=101)
+    tokens, lengths = padded([6, 1, 3, 2])
+    with torch.no_grad():
+        bag = model.bag(tokens, lengths)
+        assert bag.shape == (4, 8)
+        table = model.bag.table.weight
+        for row, n_tokens in enumerate(lengths.tolist()):
+            text = tokens[row, :n_tokens].tolist()
+            ids = []
+            for n in (2, 3):
+                for start in range(n_tokens - n + 1):
+                    h = n
+                    for token in text[start : start + n]:
+                        h = (h * 30 + token) % 101
+                    ids.append(h)
+            expected = table[ids].mean(0) if ids else torch.zeros(8)
+            assert torch.allclose(bag[row], expected, atol=1e-6, rtol=0), (row, ids)
+        assert len(set(model.bag.ids(tokens, lengths)[0][0, :5].tolist())) > 1
+    assert bag[1].abs().max() == 0  # one token: no bigram, no trigram
+
+
+def test_ngram_bag_changes_the_logits_and_widens_the_head():
+    """The head reads the pooled states and the bag side by side."""
+    plain, bagged = make("lstm"), make("lstm", ngram_bag=(2,), ngram_buckets=50)
+    assert bagged.head.in_features == plain.head.in_features + 8
+    assert count_parameters(bagged) == count_parameters(plain) + 50 * 8 + 8 * 4
+    tokens, lengths = padded([5, 4])
+    with torch.no_grad():
+        before = bagged(tokens, lengths)
+        bagged.bag.table.weight.add_(1.0)
+        assert (bagged(tokens, lengths) - before).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_cell_loops_with_ngrams_carry_into_nn_rnn(bidirectional):
-    """The export twin of a cell-loop model keeps the convolution and reads its features."""
-    cells = make("rnn_cell_deep", bidirectional, conv_width=5, conv_channels=4)
+    """The export twin of a cell-loop model keeps the convolution and the n-gram bag."""
+    cells = make(
+        "rnn_cell_deep",
+        bidirectional,
+        conv_width=5,
+        conv_channels=4,
+        ngram_bag=(2, 3),
+        ngram_buckets=64,
+    )
     twin = as_torch_rnn(cells)
     assert twin.core.rnn.input_size == 8 + 4
     tokens, lengths = padded([9, 2, 14, 5, 1])

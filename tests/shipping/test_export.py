@@ -82,6 +82,27 @@ def test_pooled_models_export_and_match(tmp_path, variant, bidirectional, pool):
         assert np.abs(got - expected).max() <= 1e-5, (variant, pool, lengths)
 
 
+def exported_fp32_and_int8(model, tmp_path) -> tuple[set[str], set[str]]:
+    """Export `model`, quantize it, and check both against PyTorch at lengths 1 to 40 (batches
+    shorter than 3 steps too): fp32 within 1e-5, int8 the same function (its rounding is
+    judged by validate@V's accuracy gate). The fp32 and int8 graphs' op types."""
+    export_onnx(model, tmp_path / "m.onnx", opset=17)
+    quantize_int8(tmp_path / "m.onnx", tmp_path / "m8.onnx")
+    fp32, int8 = _session(tmp_path / "m.onnx"), _session(tmp_path / "m8.onnx")
+    for lengths in ([1], [2, 1], [5, 3, 1], list(range(1, 41))):
+        tokens, n = padded(lengths, seed=len(lengths))
+        with torch.no_grad():
+            expected = model(tokens, n).numpy()
+        feeds = {"tokens": tokens.numpy(), "lengths": n.numpy()}
+        assert np.abs(fp32.run(None, feeds)[0] - expected).max() <= 1e-5, lengths
+        got = int8.run(None, feeds)[0]
+        assert got.shape == expected.shape
+        assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] >= 0.95, lengths
+    return tuple(
+        {n.op_type for n in onnx.load(str(tmp_path / f)).graph.node} for f in ("m.onnx", "m8.onnx")
+    )
+
+
 @pytest.mark.parametrize(
     ("variant", "bidirectional", "pool"),
     [("rnn_cell", False, "last"), ("lstm", False, "attention"), ("gru", True, "max")],
@@ -89,21 +110,17 @@ def test_pooled_models_export_and_match(tmp_path, variant, bidirectional, pool):
 def test_ngram_models_export_and_match_in_fp32_and_int8(tmp_path, variant, bidirectional, pool):
     """The convolution exports as ONNX Conv (int8: ConvInteger), masked as in PyTorch."""
     model = make(variant, bidirectional, pool=pool, conv_width=3, conv_channels=6)
-    export_onnx(model, tmp_path / "m.onnx", opset=17)
-    quantize_int8(tmp_path / "m.onnx", tmp_path / "m8.onnx")
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "m8.onnx")).graph.node}
-    assert "ConvInteger" in ops
-    fp32, int8 = _session(tmp_path / "m.onnx"), _session(tmp_path / "m8.onnx")
-    for lengths in ([1], [5, 3, 1], list(range(1, 41))):
-        tokens, n = padded(lengths, seed=len(lengths))
-        with torch.no_grad():
-            expected = model(tokens, n).numpy()
-        feeds = {"tokens": tokens.numpy(), "lengths": n.numpy()}
-        assert np.abs(fp32.run(None, feeds)[0] - expected).max() <= 1e-5, (variant, lengths)
-        # int8 rounds: the accuracy gate of validate@V judges it; here, the same function
-        got = int8.run(None, feeds)[0]
-        assert got.shape == expected.shape
-        assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] >= 0.95, (variant, lengths)
+    _, int8_ops = exported_fp32_and_int8(model, tmp_path)
+    assert "ConvInteger" in int8_ops
+
+
+@pytest.mark.parametrize(("variant", "bidirectional"), [("rnn_cell_deep", False), ("gru", True)])
+def test_ngram_bag_models_export_and_match_in_fp32_and_int8(tmp_path, variant, bidirectional):
+    """The bag's hash runs in ONNX as integer Mul, Add and Mod, and its table as a Gather:
+    the same ids and the same logits as PyTorch, for batches shorter than every n too."""
+    model = make(variant, bidirectional, ngram_bag=(1, 2, 3), ngram_buckets=50)
+    fp32_ops, _ = exported_fp32_and_int8(model, tmp_path)
+    assert {"Mod", "Gather"} <= fp32_ops
 
 
 def test_gate_fails_on_a_perturbed_model(tmp_path):

@@ -48,7 +48,7 @@ def test_train_writes_metrics_checkpoint_and_mlflow_run(workspace):
 
 
 def test_checkpoint_holds_the_best_epoch_not_the_last(workspace):
-    raw = small_params(train={"epochs": 10, "patience": 10, "lr": 0.05})
+    raw = small_params(train={"epochs": 10, "patience": 10, "lr": 0.05, "schedule": "constant"})
     train_variant(write_params(workspace, raw), "rnn")
     metrics = json.loads((workspace / "metrics/train/rnn.json").read_text())
     assert metrics["best_epoch"] < metrics["epochs_run"], "setup must overfit after the best"

@@ -91,7 +91,7 @@ def unrolled_logits(
             outputs.append(torch.stack(states, dim=1))
             lasts.append(h)  # forward: at the last position; backward: at position 0
         x = torch.cat(outputs, dim=2)
-    return model.head(model.pool(x, torch.cat(lasts, dim=1), lengths))
+    return model.classify(tokens, lengths, x, torch.cat(lasts, dim=1))
 
 
 def zero_deltas(model: RNNClassifier, batch: int, steps: int, **options):

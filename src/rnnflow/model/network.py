@@ -41,11 +41,16 @@ class ModelConfig:
     embedding_dropout: float = 0.0
     conv_width: int = 0
     conv_channels: int = 0
+    ngram_bag: tuple[int, ...] = ()
+    ngram_buckets: int = 0
 
     @classmethod
     def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
         """A config from a variant's merged params."""
-        return cls(variant, vocab_size, num_classes, **options.model_dump())
+        fields = options.model_dump()
+        return cls(
+            variant, vocab_size, num_classes, **fields | {"ngram_bag": tuple(fields["ngram_bag"])}
+        )
 
     def to_dict(self) -> dict:
         """Plain dict, for checkpoints and MLflow params."""
@@ -245,6 +250,42 @@ class NgramConv(nn.Module):
         return torch.cat([emb, features], dim=2)
 
 
+class NgramBag(nn.Module):
+    """fastText's bag of n-grams (Joulin et al. 2017): the mean embedding of a text's n-grams
+    of the given lengths, each hashed into one of `buckets` rows of a table: tokens [B, T] ->
+    [B, dim]. The hash is a polynomial in the token ids, base `vocab_size`, reduced modulo
+    `buckets` after every token (integer ops that ONNX runs as they are). An n-gram counts
+    only if all its tokens are before the text's length, so padding never enters the mean."""
+
+    def __init__(self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int):
+        super().__init__()
+        self.ngrams, self.buckets, self.base = tuple(ngrams), buckets, vocab_size
+        self.table = nn.Embedding(buckets, dim)
+
+    def ids(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        """Bucket ids [B, M] of the n-grams starting at every step, per length n (M = T times
+        the number of lengths), and [B, M, 1]: True where the n-gram lies inside the text."""
+        steps = tokens.shape[1]
+        start = torch.arange(steps, device=tokens.device)[None, :]
+        ids, valid = [], []
+        for n in self.ngrams:
+            # n - 1 pad ids on the right, so the n-gram at every start has its n tokens
+            # (slices from fixed starts: no negative ends when a batch is shorter than n)
+            right = F.pad(tokens, (0, n - 1), value=PAD_ID)
+            h = torch.full_like(tokens, n)  # the length seeds the hash: a bigram != a trigram
+            for k in range(n):
+                h = (h * self.base + right[:, k : k + steps]) % self.buckets
+            ids.append(h)
+            valid.append(start + (n - 1) < lengths.to(tokens.device)[:, None])
+        return torch.cat(ids, dim=1), torch.cat(valid, dim=1).unsqueeze(-1)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids, valid = self.ids(tokens, lengths)
+        rows = torch.where(valid, self.table(ids), torch.zeros((), device=tokens.device))
+        count = valid.sum(1).clamp(min=1).to(rows.dtype)  # a text shorter than every n: zeros
+        return rows.sum(1) / count
+
+
 class RNNClassifier(nn.Module):
     """tokens [B, T] int64 + lengths [B] int64 -> logits [B, classes]."""
 
@@ -261,17 +302,31 @@ class RNNClassifier(nn.Module):
         self.core = build_core(self.core_cfg)
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         self.pool = Pool(cfg.pool, features)
+        self.bag = None
+        if cfg.ngram_bag:
+            bag = (cfg.ngram_bag, cfg.ngram_buckets, cfg.embedding_dim, cfg.vocab_size)
+            self.bag = NgramBag(*bag)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(self.pool.out_features, cfg.num_classes)
+        bag_features = cfg.embedding_dim if self.bag is not None else 0
+        self.head = nn.Linear(self.pool.out_features + bag_features, cfg.num_classes)
 
     def inputs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """What the core reads at each step: [B, T, embedding_dim (+ conv_channels)]."""
         emb = self.embedding_dropout(self.embedding(tokens))
         return emb if self.ngrams is None else self.ngrams(emb, lengths)
 
+    def classify(self, tokens, lengths, states, last) -> torch.Tensor:
+        """The logits from the core's output: the pooled states (and the n-gram bag, beside
+        them, with the embeddings' dropout) through dropout and the linear head."""
+        features = self.pool(states, last, lengths)
+        if self.bag is not None:
+            bag = self.embedding_dropout(self.bag(tokens, lengths))
+            features = torch.cat([features, bag], dim=1)
+        return self.head(self.dropout(features))
+
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         states, last = self.core(self.inputs(tokens, lengths), lengths)
-        return self.head(self.dropout(self.pool(states, last, lengths)))
+        return self.classify(tokens, lengths, states, last)
 
 
 def count_parameters(model: nn.Module) -> int:

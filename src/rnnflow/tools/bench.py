@@ -9,7 +9,9 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
   and the `tutorial` way (one cell call per step and layer, every sequence padded to the
   global max, no buckets). With the FLOPs a token costs (forward and backward of every
   recurrent matmul), `now` becomes train_gflops and share_of_matmul_limit. On CUDA, also the
-  share of a step's wall time the GPU computes (the rest is launch overhead).
+  share of a step's wall time the GPU computes (the rest is launch overhead). The models
+  are the variants without the n-gram bag (`model.ngram_bag`): this section measures the
+  recurrence; the bag's cost shows in the pipeline's training times (docs "Performance").
 - latency: PyTorch eager vs onnxruntime on the same exported model, batch 1 and 64.
 - size: prepare, tokenize, pack and one epoch of gru on generated corpora (10k, 100k and 1M
   texts by default): seconds and peak RSS of each stage's process.
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +96,11 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
 # ------------------------------------------------------------------------ the contenders
 
 
+def recurrent_config(params: Params, variant: str, vocab: int, classes: int) -> ModelConfig:
+    """A variant's model as params.yaml gives it, less the n-gram bag."""
+    return replace(ModelConfig.of(variant, params.variant(variant), vocab, classes), ngram_bag=())
+
+
 class TutorialModel(nn.Module):
     """The reference, written the tutorial's way: one cell call per step and layer, over
     sequences all padded to the global max length, reading the state after the last step."""
@@ -150,7 +158,7 @@ def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict
     }
     out = {}
     for variant in params.model.variants:
-        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
+        cfg = recurrent_config(params, variant, vocab, classes)
         for way in ("now", "before", "tutorial"):
             torch.manual_seed(params.seed)
             model = (TutorialModel(cfg) if way == "tutorial" else RNNClassifier(cfg)).to(device)
@@ -243,7 +251,7 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
     vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
     out = {}
     for variant in params.model.variants:
-        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
+        cfg = recurrent_config(params, variant, vocab, classes)
         flops = train_flops_per_token(cfg)
         now = rates[f"{variant}/now"]
         row = {
