@@ -281,9 +281,8 @@ class NgramBag(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         ids, valid = self.ids(tokens, lengths)
-        rows = torch.where(valid, self.table(ids), torch.zeros((), device=tokens.device))
-        count = valid.sum(1).clamp(min=1).to(rows.dtype)  # a text shorter than every n: zeros
-        return rows.sum(1) / count
+        # the pooling's masked mean, over the n-grams inside the text (none: zeros)
+        return masked_mean(self.table(ids), valid, valid.sum((1, 2)))
 
 
 class RNNClassifier(nn.Module):
@@ -304,8 +303,7 @@ class RNNClassifier(nn.Module):
         self.pool = Pool(cfg.pool, features)
         self.bag = None
         if cfg.ngram_bag:
-            bag = (cfg.ngram_bag, cfg.ngram_buckets, cfg.embedding_dim, cfg.vocab_size)
-            self.bag = NgramBag(*bag)
+            self.bag = NgramBag(cfg.ngram_bag, cfg.ngram_buckets, cfg.embedding_dim, cfg.vocab_size)
         self.dropout = nn.Dropout(cfg.dropout)
         bag_features = cfg.embedding_dim if self.bag is not None else 0
         self.head = nn.Linear(self.pool.out_features + bag_features, cfg.num_classes)
