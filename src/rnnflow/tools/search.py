@@ -313,7 +313,7 @@ def _fmt(value, digits: int = 3) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = CliParser(prog="python -m rnnflow.tools.search", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", type=non_empty, default="gru", help="the variant to tune")
-    parser.add_argument("--trials", type=up_to(10_000), default=20, help="trials this run")
+    parser.add_argument("--trials", type=up_to(10_000), default=16, help="trials this run")
     parser.add_argument("--timeout", type=positive_float, default=600, help="seconds this run")
     parser.add_argument("--epochs", type=up_to(1000), default=6, help="at most, per trial")
     parser.add_argument("--storage", type=non_empty, help="an Optuna storage URL")
