@@ -17,6 +17,7 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
     for r in results["variants"].values():
         assert r["train_tokens_per_s"] > 0 and r["before_tokens_per_s"] > 0
         assert r["speedup_vs_before"] == r["train_tokens_per_s"] / r["before_tokens_per_s"]
+        assert r["speedup_vs_nn"] == r["train_tokens_per_s"] / r["nn_tokens_per_s"]
         assert r["train_gflops"] == r["train_tokens_per_s"] * r["train_flops_per_token"] / 1e9
         limit = results["matmul_limit_gflops"]
         assert r["share_of_matmul_limit"] == r["train_gflops"] / limit

@@ -1,2 +1,3 @@
-"""The network every variant is (network: embedding, recurrent core, head) and its
-checkpoints. May import core, runtime and data."""
+"""The network every variant is (network: embedding, recurrent core, head), its checkpoints,
+and the fused CPU recurrence that trains nn.RNN and nn.GRU (fused, recurrence.cpp). May
+import core, runtime and data."""

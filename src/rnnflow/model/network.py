@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rnnflow.core.config import ModelParams
 from rnnflow.core.variants import VARIANTS
 from rnnflow.data.text import PAD_ID
+from rnnflow.model import fused
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ModelConfig:
         return asdict(self)
 
 
-RNN_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer's, as nn.RNN names them
+RNN_WEIGHTS = fused.RNN_WEIGHTS
 
 
 class TorchRNNCore(nn.Module):
@@ -86,12 +87,19 @@ class TorchRNNCore(nn.Module):
         # extra padded steps at a few percent. Two directions need packing: the backward
         # direction must start at each sequence's own last step.
         self.packed = cfg.bidirectional
+        # Training on the CPU, the padded path runs through the fused recurrence kernel (the
+        # same function of the same weights; rnnflow.model.fused); False: always nn.* (the
+        # bench's baseline).
+        self.fused = True
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor):
         rows = torch.arange(emb.shape[0], device=emb.device)
         last = (lengths.to(emb.device) - 1).clamp(min=0)
         if not self.packed:
-            out, _ = self.rnn(emb)
+            if self.fused and fused.applies(self.rnn, emb):
+                out = fused.run(self.rnn, emb)
+            else:
+                out, _ = self.rnn(emb)
             return out, out[rows, last]
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)

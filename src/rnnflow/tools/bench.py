@@ -4,14 +4,16 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
 - matmul: the machine's fp32 matrix-multiply limit in GFLOP/s (torch.utils.benchmark, at
   torch's thread count): the roof the training numbers are read against.
 - train: per variant, real tokens/s of the training loop itself (`train.run_epoch`: forward,
-  backward, clipping, Adam) three ways on the same data and sizes: `now`; `before` this
-  release (packed input for the nn.* kinds, Adam's for-loop implementation, batches of 64);
-  and the `tutorial` way (one cell call per step and layer, every sequence padded to the
-  global max, no buckets). With the FLOPs a token costs (forward and backward of every
-  recurrent matmul), `now` becomes train_gflops and share_of_matmul_limit. On CUDA, also the
-  share of a step's wall time the GPU computes (the rest is launch overhead). The models
-  are the variants without the n-gram bag (`model.ngram_bag`): this section measures the
-  recurrence; the bag's cost shows in the pipeline's training times (docs "Performance").
+  backward, clipping, Adam) four ways on the same data and sizes: `now`; `nn`, now with the
+  fused CPU recurrence off (rnnflow.model.fused: nn.RNN and nn.GRU's own kernels instead;
+  the same as now wherever the fused one does not apply); `before` this release (packed
+  input for the nn.* kinds, Adam's for-loop implementation, batches of 64); and the
+  `tutorial` way (one cell call per step and layer, every sequence padded to the global max,
+  no buckets). With the FLOPs a token costs (forward and backward of every recurrent
+  matmul), `now` becomes train_gflops and share_of_matmul_limit. On CUDA, also the share of
+  a step's wall time the GPU computes (the rest is launch overhead). The models are the
+  variants without the n-gram bag (`model.ngram_bag`): this section measures the recurrence;
+  the bag's cost shows in the pipeline's training times (docs "Performance").
 - latency: PyTorch eager vs onnxruntime on the same exported model, batch 1 and 64.
 - size: prepare, tokenize, pack and one epoch of gru on generated corpora (10k, 100k and 1M
   texts by default): seconds and peak RSS of each stage's process.
@@ -147,7 +149,7 @@ def _batches(split: PackedSplit, batch_size: int, bucketed: bool, pool: int, cou
 
 
 def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict:
-    """name -> (model, optimizer, batches): now, before and tutorial for every variant."""
+    """name -> (model, optimizer, batches): now, nn, before and tutorial for every variant."""
     vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
     bs, pool = params.pack.batch_size, params.pack.bucket_pool
     count = (ROUNDS + 1) * BATCHES_PER_ROUND
@@ -156,18 +158,21 @@ def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict
         "before": _batches(train, BEFORE_BATCH, True, pool, count),
         "tutorial": _batches(train, BEFORE_BATCH, False, pool, count),
     }
+    batches["nn"] = batches["now"]
     out = {}
     for variant in params.model.variants:
         cfg = recurrent_config(params, variant, vocab, classes)
-        for way in ("now", "before", "tutorial"):
+        for way in ("now", "nn", "before", "tutorial"):
             torch.manual_seed(params.seed)
             model = (TutorialModel(cfg) if way == "tutorial" else RNNClassifier(cfg)).to(device)
             if way == "before" and hasattr(model.core, "packed"):
                 model.core.packed = True  # the packed path every nn.* kind took before
-            # now: Adam's fused kernel, as train.py; before: Adam's defaults, as it was
-            fused = True if way == "now" else None
+            if way == "nn" and hasattr(model.core, "fused"):
+                model.core.fused = False  # nn.RNN / nn.GRU's own CPU kernels (before: packed)
+            # now, nn: Adam's fused kernel, as train.py; before: Adam's defaults, as it was
+            fused = True if way in ("now", "nn") else None
             optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=fused)
-            if way == "now" and params.train.cuda_graphs and graphable(model, device, 1):
+            if way in ("now", "nn") and params.train.cuda_graphs and graphable(model, device, 1):
                 model = GraphedSteps(model)  # as train.py does on CUDA
             out[f"{variant}/{way}"] = (model, optimizer, batches[way])
     return out
@@ -256,8 +261,10 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
         now = rates[f"{variant}/now"]
         row = {
             "train_tokens_per_s": now,
+            "nn_tokens_per_s": rates[f"{variant}/nn"],
             "before_tokens_per_s": rates[f"{variant}/before"],
             "tutorial_tokens_per_s": rates[f"{variant}/tutorial"],
+            "speedup_vs_nn": now / rates[f"{variant}/nn"],
             "speedup_vs_before": now / rates[f"{variant}/before"],
             "speedup_vs_tutorial": now / rates[f"{variant}/tutorial"],
             "train_flops_per_token": flops,
@@ -274,7 +281,8 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
             row["cuda_graph"] = cuda_graph_gain(RNNClassifier(cfg).to(device), median, device)
         out[variant] = row
         print(
-            f"bench train {variant}: {now:,.0f} tok/s ({row['speedup_vs_before']:.2f}x before, "
+            f"bench train {variant}: {now:,.0f} tok/s ({row['speedup_vs_nn']:.2f}x nn.*, "
+            f"{row['speedup_vs_before']:.2f}x before, "
             f"{row['speedup_vs_tutorial']:.2f}x tutorial), {row['train_gflops']:.1f} GFLOP/s",
             flush=True,
         )
@@ -481,14 +489,15 @@ def to_markdown(results: dict) -> str:
     limit = results.get("matmul_limit_gflops")
     if "variants" in results:
         lines += [
-            "| variant | now tok/s | before tok/s | now vs before | tutorial tok/s | now vs "
-            "tutorial | GFLOP/s | share of matmul limit |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | now tok/s | now vs nn.* | before tok/s | now vs before | tutorial tok/s "
+            "| now vs tutorial | GFLOP/s | share of matmul limit |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in results["variants"].items():
             share = r.get("share_of_matmul_limit")
             lines.append(
-                f"| {name} | {r['train_tokens_per_s']:,.0f} | {r['before_tokens_per_s']:,.0f} "
+                f"| {name} | {r['train_tokens_per_s']:,.0f} | {r['speedup_vs_nn']:.2f}x "
+                f"| {r['before_tokens_per_s']:,.0f} "
                 f"| {r['speedup_vs_before']:.2f}x | {r['tutorial_tokens_per_s']:,.0f} "
                 f"| {r['speedup_vs_tutorial']:.2f}x | {r['train_gflops']:.1f} "
                 f"| {'-' if share is None else f'{share:.2f}'} |"

@@ -31,7 +31,7 @@ from rnnflow.core.paths import checkpoint as checkpoint_path
 from rnnflow.data.batching import PackedSplit, make_loader
 from rnnflow.data.text import file_hash, load_tokenizer
 from rnnflow.data.vocab import labels_path, load_labels
-from rnnflow.model import checkpoint
+from rnnflow.model import checkpoint, fused
 from rnnflow.model.network import ModelConfig, RNNClassifier, count_parameters
 from rnnflow.runtime import host, timeline
 from rnnflow.tracking import runs
@@ -193,6 +193,7 @@ class Trainer:
         )
         train, val = (PackedSplit.load(packed_dir / f"{s}.npz") for s in ("train", "val"))
         module = RNNClassifier(cfg).to(device)
+        fused.warm_up(module, device)  # a first build of the CPU kernel is not training time
         # fused: one kernel for all parameters instead of a dozen small ops per tensor
         optimizer = torch.optim.Adam(
             module.parameters(),
