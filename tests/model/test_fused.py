@@ -98,13 +98,14 @@ def test_rnnflow_fused_0_turns_it_off(monkeypatch):
     assert not fused.applies(nn.GRU(4, 5, batch_first=True).train(), torch.randn(2, 3, 4))
 
 
-def test_a_failed_build_warns_once_and_training_uses_nn(monkeypatch, caplog):
+def test_a_failed_build_warns_once_and_training_uses_nn(monkeypatch, caplog, tmp_path):
     import torch.utils.cpp_extension as ext
 
     def no_compiler(**kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setattr(ext, "load", no_compiler)
+    monkeypatch.setattr(fused, "build_dir", lambda: tmp_path / "never-built")
     fused.kernels.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="rnnflow.model.fused"):
@@ -133,3 +134,22 @@ def test_training_builds_the_kernel_before_the_first_timed_epoch(monkeypatch):
     monkeypatch.setenv("RNNFLOW_FUSED", "0")
     fused.warm_up(make("gru"), cpu)
     assert built == [1]
+
+
+def test_one_build_serves_every_copy_of_the_project(tmp_path, monkeypatch):
+    """The build is keyed by the source's bytes, the flags and torch's version, not by where
+    the source or torch lie: a clone elsewhere finds the same library."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    here = fused.build_dir()
+    copy = tmp_path / "clone" / "recurrence.cpp"
+    copy.parent.mkdir()
+    copy.write_bytes(fused.SOURCE.read_bytes())
+    monkeypatch.setattr(fused, "SOURCE", copy)
+    assert fused.build_dir() == here and here.parent == tmp_path / "ext"
+    copy.write_bytes(copy.read_bytes() + b"// changed\n")
+    assert fused.build_dir() != here
+
+
+def test_the_build_is_marked_complete_and_loaded_from_there():
+    where = fused.build_dir()
+    assert (where / "built").exists() and (where / "rnnflow_recurrence.so").exists()

@@ -7,11 +7,13 @@ evaluation, export, the parity gate and every other device use the nn.* module i
 keeps oneDNN's fused kernel, which this one did not beat (0.97-1.02x, docs "Performance").
 
 The kernel is compiled on first use with torch's own extension builder (g++ and ninja, into
-TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, about 10 s) and reused after; where
-it cannot be built, training falls back to the nn.* module with one warning. RNNFLOW_FUSED=0
-turns it off (nothing is built).
+TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, about 10 s) and loaded after by
+every process, clone and venv of the project on the machine; where it cannot be built,
+training falls back to the nn.* module with one warning. RNNFLOW_FUSED=0 turns it off
+(nothing is built).
 """
 
+import hashlib
 import logging
 import os
 import sys
@@ -34,22 +36,44 @@ def enabled() -> bool:
     return os.environ.get("RNNFLOW_FUSED", "1") != "0"
 
 
+FLAGS = {
+    "extra_cflags": ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+    "extra_ldflags": ["-lmvec", "-fopenmp"],
+}
+
+
+def build_dir() -> Path:
+    """Where the kernel is built, keyed by what it is built from: the source, the flags and
+    torch's version. Not torch's own keying, which rebuilds whenever the source's or torch's
+    path changes (every clone and copy of the project, each venv)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, torch.__version__)).encode())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"rnnflow_recurrence_{key.hexdigest()[:16]}"
+
+
 @cache
 def kernels():
-    """torch.ops.rnnflow_recurrence, built on first call; None where it cannot be built."""
+    """torch.ops.rnnflow_recurrence, built on the first call on a machine and loaded after;
+    None where it cannot be built."""
     from torch.utils.cpp_extension import load
 
     # ninja from the venv (a dependency) when the venv is not on PATH
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    where = build_dir()
     try:
-        load(
-            name="rnnflow_recurrence",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-            extra_ldflags=["-lmvec", "-fopenmp"],
-            is_python_module=False,
-        )
+        if (where / "built").exists():  # written once the library below is complete
+            torch.ops.load_library(where / "rnnflow_recurrence.so")
+        else:
+            where.mkdir(parents=True, exist_ok=True)
+            load(
+                name="rnnflow_recurrence",
+                sources=[str(SOURCE)],
+                build_directory=str(where),
+                is_python_module=False,
+                **FLAGS,
+            )
+            (where / "built").touch()
     except Exception as err:  # no compiler, no ninja, ...: torch's own kernels still work
         log.warning("fused CPU recurrence unavailable, training uses nn.* (%s)", err)
         return None
