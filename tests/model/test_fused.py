@@ -2,6 +2,10 @@
 nn.GRU's function: the same outputs and the same gradients of every weight and input."""
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +157,25 @@ def test_one_build_serves_every_copy_of_the_project(tmp_path, monkeypatch):
 def test_the_build_is_marked_complete_and_loaded_from_there():
     where = fused.build_dir()
     assert (where / "built").exists() and (where / "rnnflow_recurrence.so").exists()
+
+
+def test_a_fresh_machine_builds_once_and_a_second_call_loads_that_build(tmp_path):
+    """In a new process with an empty extension folder: the first call builds, a second one
+    (its cache cleared) finds the same build, and `built` marks it; torch's loader must not
+    have changed the key by appending to the flags it was given."""
+    script = (
+        "from rnnflow.model import fused\n"
+        "first = fused.build_dir()\n"
+        "assert fused.kernels() is not None\n"
+        "fused.kernels.cache_clear()\n"
+        "assert fused.kernels() is not None and fused.build_dir() == first\n"
+        "print(first)\n"
+    )
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = [p.name for p in tmp_path.iterdir()]
+    assert built == [Path(proc.stdout.strip()).name]
+    assert (tmp_path / built[0] / "built").exists()

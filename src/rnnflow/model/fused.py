@@ -36,9 +36,9 @@ def enabled() -> bool:
     return os.environ.get("RNNFLOW_FUSED", "1") != "0"
 
 
-FLAGS = {
-    "extra_cflags": ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-    "extra_ldflags": ["-lmvec", "-fopenmp"],
+FLAGS = {  # tuples: torch's loader appends to the lists it is given
+    "extra_cflags": ("-O3", "-march=native", "-fno-math-errno", "-fopenmp"),
+    "extra_ldflags": ("-lmvec", "-fopenmp"),
 }
 
 
@@ -71,7 +71,7 @@ def kernels():
                 sources=[str(SOURCE)],
                 build_directory=str(where),
                 is_python_module=False,
-                **FLAGS,
+                **{name: list(flags) for name, flags in FLAGS.items()},
             )
             (where / "built").touch()
     except Exception as err:  # no compiler, no ninja, ...: torch's own kernels still work
