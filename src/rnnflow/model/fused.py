@@ -57,14 +57,14 @@ def kernels():
     None where it cannot be built."""
     from torch.utils.cpp_extension import load
 
-    # ninja from the venv (a dependency) when the venv is not on PATH
-    bin_dir = str(Path(sys.executable).parent)
-    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     where = build_dir()
     try:
         if (where / "built").exists():  # written once the library below is complete
             torch.ops.load_library(where / "rnnflow_recurrence.so")
         else:
+            # ninja from the venv (a dependency) when the venv is not on PATH
+            bin_dir = str(Path(sys.executable).parent)
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
             where.mkdir(parents=True, exist_ok=True)
             load(
                 name="rnnflow_recurrence",

@@ -9,8 +9,8 @@
 //
 // Layout: batch first. xp [B, T, G*H] is the input projection x @ W_ih^T + b_ih of every step
 // (for RNN with b_hh added too, since both biases only add), G gates in torch's order (GRU
-// r, z, n). Rows of a batch never meet in a recurrence, so the
-// threads split the batch and each runs its rows through every step.
+// r, z, n). Rows of a batch never meet in a recurrence, so the threads split the batch and
+// each runs its rows through every step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,8 +59,9 @@ void check(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& b_hh,
 // out [B, T, H]: the state after every step; prev [B, T, H]: the state before every step (0
 // before the first), so that the backward's weight gradient is one product of contiguous
 // tensors; saved [B, T, S*H]: what else the backward reads (GRU r, z, n, h @ W_hn + b_hn).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp, const at::Tensor& w_hh,
-                                           const at::Tensor& b_hh, int64_t kind) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp,
+                                                       const at::Tensor& w_hh,
+                                                       const at::Tensor& b_hh, int64_t kind) {
   check(xp, w_hh, b_hh, kind);
   const int64_t B = xp.size(0), T = xp.size(1), H = w_hh.size(1), GH = gates(kind) * H;
   const int64_t SH = saved_width(kind) * H;
@@ -69,13 +70,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp, con
   prev.select(1, 0).zero_();
   auto saved = at::empty({B, T, SH}, xp.options());
   auto bias = b_hh.contiguous();
+  const float* bh = bias.data_ptr<float>();
   auto wt = w_hh.t();
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     auto gh = at::zeros({rows, GH}, xp.options());  // h @ W_hh^T; h = 0 before the first step
     for (int64_t t = 0; t < T; ++t) {
       if (t) at::mm_out(gh, prev.select(1, t).narrow(0, b0, rows), wt);
-      const float* bh = bias.data_ptr<float>();
       for (int64_t b = b0; b < b1; ++b) {
         const float* __restrict__ x = xp.data_ptr<float>() + (b * T + t) * GH;
         const float* __restrict__ g = gh.data_ptr<float>() + (b - b0) * GH;
