@@ -1,5 +1,6 @@
-"""The fused CPU recurrence (rnnflow.model.fused, recurrence.cpp) computes nn.RNN's and
-nn.GRU's function: the same outputs and the same gradients of every weight and input."""
+"""The fused CPU kernels (rnnflow.model.fused, recurrence.cpp): the recurrence computes
+nn.RNN's and nn.GRU's function (the same outputs and the same gradients of every weight and
+input), the max pooling torch's masked max, and dropout's mask has dropout's distribution."""
 
 import logging
 import os
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rnnflow.model import fused
-from rnnflow.model.network import RNNClassifier
+from rnnflow.model.network import RNNClassifier, masked_max, valid_steps
 
 from .test_models import make, padded
 
@@ -73,10 +75,9 @@ def test_models_train_through_the_kernel_and_evaluate_through_nn(variant, monkey
     tokens, lengths = padded([3, 11, 1, 7])
     logits = model(tokens, lengths)
     assert calls == [(4, 11, 8)]
-    model.core.fused = False
-    assert torch.allclose(model(tokens, lengths), logits, atol=1e-6, rtol=0)
+    with fused.off():
+        assert torch.allclose(model(tokens, lengths), logits, atol=1e-6, rtol=0)
     model.eval()
-    model.core.fused = True
     with torch.no_grad():
         assert torch.allclose(model(tokens, lengths), logits, atol=1e-6, rtol=0)
     assert len(calls) == 1  # not in evaluation, not with fused off
@@ -97,9 +98,15 @@ def test_where_the_kernel_does_not_apply():
         assert not applies(nn.GRU(4, 5, batch_first=True), x)
 
 
-def test_rnnflow_fused_0_turns_it_off(monkeypatch):
+def test_rnnflow_fused_0_and_off_turn_it_off(monkeypatch):
+    gru, x = nn.GRU(4, 5, batch_first=True).train(), torch.randn(2, 3, 4)
+    with fused.off():
+        with fused.off():
+            assert not fused.applies(gru, x) and not fused.trains(x)
+        assert not fused.applies(gru, x)
+    assert fused.applies(gru, x) and fused.trains(x)
     monkeypatch.setenv("RNNFLOW_FUSED", "0")
-    assert not fused.applies(nn.GRU(4, 5, batch_first=True).train(), torch.randn(2, 3, 4))
+    assert not fused.applies(gru, x) and not fused.trains(x)
 
 
 def test_a_failed_build_warns_once_and_training_uses_nn(monkeypatch, caplog, tmp_path):
@@ -119,7 +126,7 @@ def test_a_failed_build_warns_once_and_training_uses_nn(monkeypatch, caplog, tmp
             model(tokens, lengths)
         warnings = [r.getMessage() for r in caplog.records]
         assert len(warnings) == 1
-        assert "fused CPU recurrence unavailable" in warnings[0] and "Ninja" in warnings[0]
+        assert "fused CPU kernels unavailable" in warnings[0] and "Ninja" in warnings[0]
         assert all(p.grad is not None for p in model.parameters())
     finally:
         fused.kernels.cache_clear()
@@ -129,15 +136,19 @@ def test_training_builds_the_kernel_before_the_first_timed_epoch(monkeypatch):
     built = []
     monkeypatch.setattr(fused, "kernels", lambda: built.append(1))
     cpu = torch.device("cpu")
-    fused.warm_up(make("lstm"), cpu)  # oneDNN's LSTM: nothing to build
-    fused.warm_up(make("rnn_cell"), cpu)
+    # oneDNN's LSTM, a cell loop, no dropout, the last state: nothing to build
+    quiet = {"dropout": 0.0, "embedding_dropout": 0.0, "pool": "last"}
+    fused.warm_up(make("lstm", **quiet), cpu)
+    fused.warm_up(make("rnn_cell", **quiet), cpu)
     fused.warm_up(make("gru"), torch.device("cuda"))  # cuDNN there
     assert built == []
-    fused.warm_up(make("rnn_deep"), cpu)
-    assert built == [1]
+    fused.warm_up(make("rnn_deep", **quiet), cpu)  # the recurrence
+    fused.warm_up(make("lstm", **quiet | {"pool": "max"}), cpu)  # the max pooling
+    fused.warm_up(make("rnn_cell", **quiet | {"embedding_dropout": 0.1}), cpu)  # dropout
+    assert built == [1, 1, 1]
     monkeypatch.setenv("RNNFLOW_FUSED", "0")
     fused.warm_up(make("gru"), cpu)
-    assert built == [1]
+    assert built == [1, 1, 1]
 
 
 def test_one_build_serves_every_copy_of_the_project(tmp_path, monkeypatch):
@@ -179,3 +190,128 @@ def test_a_fresh_machine_builds_once_and_a_second_call_loads_that_build(tmp_path
     built = [p.name for p in tmp_path.iterdir()]
     assert built == [Path(proc.stdout.strip()).name]
     assert (tmp_path / built[0] / "built").exists()
+
+
+# ---------------------------------------------------------------------------- max pooling
+
+
+def torch_max(states, lengths):
+    with fused.off():
+        return masked_max(states, valid_steps(states, lengths), lengths)
+
+
+@pytest.mark.parametrize(("lengths", "steps"), [([3, 11, 1, 7], 11), ([1], 1), ([5, 5], 9)])
+def test_max_pool_equals_torch_values_and_gradients(lengths, steps):
+    torch.manual_seed(len(lengths) + steps)
+    states = torch.randn(len(lengths), steps, 33, requires_grad=True)
+    lengths = torch.tensor(lengths)
+    weights = torch.randn(len(lengths), 33)
+    results = []
+    for pool in (torch_max, fused.max_pool):
+        states.grad = None
+        out = pool(states, lengths)
+        (out * weights).sum().backward()
+        results.append((out.detach(), states.grad.clone()))
+    (ref, ref_grad), (out, grad) = results
+    assert out.shape == (len(lengths), 33)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    beyond = torch.arange(steps)[None, :] >= lengths[:, None]
+    assert grad[beyond].abs().sum() == 0  # padding gets no gradient
+    assert (grad != 0).sum() == weights.numel()  # one step per feature
+
+
+def test_max_pool_never_reads_padding():
+    torch.manual_seed(3)
+    states, lengths = torch.randn(3, 6, 5), torch.tensor([2, 6, 4])
+    noisy = states.clone()
+    noisy[0, 2:], noisy[2, 4:] = 100.0, float("nan")
+    with torch.enable_grad():
+        assert torch.equal(fused.max_pool(states, lengths), fused.max_pool(noisy, lengths))
+
+
+def test_max_pool_ties_give_the_gradient_to_the_first_step_and_nan_wins():
+    states = torch.tensor([[[1.0, 2.0], [1.0, float("nan")], [0.5, 2.0]]], requires_grad=True)
+    out = fused.max_pool(states, torch.tensor([3]))
+    out.sum().backward()
+    assert out[0, 0] == 1.0 and out[0, 1].isnan()  # torch.max's NaN too
+    assert states.grad.tolist() == [[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]]
+    empty = fused.max_pool(torch.zeros(1, 2, 3, requires_grad=True), torch.tensor([0]))
+    assert torch.equal(empty, torch.full((1, 3), -torch.inf))  # as torch's masked max
+
+
+@pytest.mark.parametrize("pool", ["max", "concat"])
+def test_models_max_pool_through_the_kernel_when_training(pool, monkeypatch):
+    calls = []
+    kernel = fused.max_pool
+    monkeypatch.setattr(fused, "max_pool", lambda s, n: calls.append(s.shape) or kernel(s, n))
+    model = make("lstm", pool=pool).train()
+    tokens, lengths = padded([3, 11, 1, 7])
+    logits = model(tokens, lengths)
+    assert calls == [(4, 11, 12)]
+    with fused.off():
+        assert torch.allclose(model(tokens, lengths), logits, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        model(tokens, lengths)
+    assert len(calls) == 1  # not without gradients, not with the kernels off
+
+
+# -------------------------------------------------------------------------------- dropout
+
+
+def test_dropout_mask_has_dropouts_distribution():
+    n, p = 1_000_001, 0.2  # odd: the last pair is cut
+    mask = fused.kernels().dropout_mask([n], p, 12345)
+    assert mask.shape == (n,) and mask.dtype == torch.float32
+    kept = mask != 0
+    assert torch.equal(mask[kept], torch.full((int(kept.sum()),), 1 / (1 - p)))
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(1 - kept.float().mean().item() - p) < 6 * sd
+    # no pattern between neighbours (a pair shares one hash) or from one block to the next
+    both = (~kept[:-1:2] & ~kept[1::2]).float().mean().item()
+    assert abs(both - p * p) < 6 * (p * p * (1 - p * p) / (n // 2)) ** 0.5
+    blocks = (~kept[: 1000 * 1000]).view(1000, 1000).float().mean(1)
+    assert blocks.std().item() < 1.5 * (p * (1 - p) / 1000) ** 0.5
+    assert not torch.equal(mask[:1000], fused.kernels().dropout_mask([n], p, 12346)[:1000])
+
+
+def test_dropout_is_seeded_by_torch_and_the_same_on_any_number_of_threads():
+    x = torch.ones(64, 17, 33, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            torch.manual_seed(7)
+            results.append(fused.dropout(x, 0.3, training=True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert not torch.equal(results[0], fused.dropout(x, 0.3, training=True))  # next draw
+
+
+def test_dropout_gradient_is_its_mask_and_evaluation_is_the_identity():
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 7, requires_grad=True)
+    out = fused.dropout(x, 0.5, training=True)
+    out.sum().backward()
+    mask = out.detach() / x.detach()
+    assert set(mask.flatten().round(decimals=5).tolist()) == {0.0, 2.0}
+    assert torch.allclose(x.grad, mask, atol=1e-6, rtol=0)
+    assert fused.dropout(x, 0.5, training=False) is x
+    assert torch.equal(fused.dropout(x, 0.0, training=True), x)
+    layer = fused.Dropout(0.5).eval()
+    assert layer(x) is x
+
+
+def test_dropout_falls_back_to_torch_where_the_kernels_do_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(F, "dropout", lambda x, p, training: calls.append(p) or x)
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        fused.dropout(x, 0.1, training=True)
+    fused.dropout(x.double(), 0.2, training=True)
+    with fused.off():
+        fused.dropout(x, 0.3, training=True)
+    assert calls == [0.1, 0.2, 0.3]
+    fused.dropout(x, 0.4, training=True)
+    assert calls == [0.1, 0.2, 0.3]

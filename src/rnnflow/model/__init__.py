@@ -1,3 +1,3 @@
 """The network every variant is (network: embedding, recurrent core, head), its checkpoints,
-and the fused CPU recurrence that trains nn.RNN and nn.GRU (fused, recurrence.cpp). May
-import core, runtime and data."""
+and the fused CPU training kernels (fused, recurrence.cpp: the recurrences of nn.RNN and
+nn.GRU, max pooling, dropout masks). May import core, runtime and data."""

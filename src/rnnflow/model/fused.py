@@ -1,22 +1,30 @@
-"""Fused CPU training of nn.RNN and nn.GRU: the same function of the same parameters,
-computed by recurrence.cpp (per step one matrix product and one loop over the batch for all
-the gate arithmetic, forward and backward) instead of torch's dozen small ops per step.
+"""Fused CPU training kernels (recurrence.cpp): the same functions of the same parameters as
+torch's, in fewer and cheaper passes.
 
-`TorchRNNCore` uses it when training a one-direction RNN or GRU core in float32 on the CPU;
-evaluation, export, the parity gate and every other device use the nn.* module itself. nn.LSTM
-keeps oneDNN's fused kernel, which this one did not beat (0.97-1.02x, docs "Performance").
+- The recurrence of nn.RNN and nn.GRU: per step one matrix product and one loop over the
+  batch for all the gate arithmetic, forward and backward, instead of torch's dozen small ops
+  per step. nn.LSTM keeps oneDNN's fused kernel, which this one did not beat (0.97-1.02x,
+  docs "Performance").
+- Max pooling over the valid steps: one pass that keeps each maximum's step, and a backward
+  that writes the gradient there; torch's masked max copies the states, reduces across a
+  non-inner dimension and compares every state again in its backward.
+- Dropout's mask from a counter-based hash in vector lanes, where torch's `bernoulli_` draws
+  element after element from one Mersenne Twister; seeded from torch's generator, so a seed
+  still fixes every mask (but not the same masks as torch's dropout).
 
-The kernel is compiled on first use with torch's own extension builder (g++ and ninja, into
-TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, about 10 s) and loaded after by
-every process, clone and venv of the project on the machine; where it cannot be built,
-training falls back to the nn.* module with one warning. RNNFLOW_FUSED=0 turns it off
-(nothing is built).
+They run when training in float32 on the CPU; evaluation, export, the parity gate and every
+other device use torch's own ops. The kernels are compiled on first use with torch's own
+extension builder (g++ and ninja, into TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions, about 10 s) and loaded after by every process, clone and venv of
+the project on the machine; where they cannot be built, training uses torch's ops with one
+warning. RNNFLOW_FUSED=0 turns them off (nothing is built), and so does `with off():`.
 """
 
 import hashlib
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -31,9 +39,22 @@ KINDS = {"RNN_TANH": 0, "RNN_RELU": 1, "GRU": 2}  # recurrence.cpp's Kind, by nn
 RNN_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer's, as nn.RNN names them
 
 
+_OFF = [0]  # open off() blocks
+
+
 def enabled() -> bool:
-    """Whether RNNFLOW_FUSED leaves the fused kernel on (anything but 0)."""
-    return os.environ.get("RNNFLOW_FUSED", "1") != "0"
+    """Whether the kernels are on: RNNFLOW_FUSED anything but 0, and outside off()."""
+    return os.environ.get("RNNFLOW_FUSED", "1") != "0" and not _OFF[0]
+
+
+@contextmanager
+def off():
+    """Torch's own ops inside the block (the bench's baselines)."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
 
 
 FLAGS = {  # tuples: torch's loader appends to the lists it is given
@@ -75,17 +96,40 @@ def kernels():
             )
             (where / "built").touch()
     except Exception as err:  # no compiler, no ninja, ...: torch's own kernels still work
-        log.warning("fused CPU recurrence unavailable, training uses nn.* (%s)", err)
+        log.warning("fused CPU kernels unavailable, training uses torch's ops (%s)", err)
         return None
     return torch.ops.rnnflow_recurrence
 
 
+def serves(module: nn.Module) -> bool:
+    """Whether training `module` runs something through the kernels: a one-direction RNN or
+    GRU, a `Dropout` that drops, or a module that max-pools (`max_pools` True)."""
+    if isinstance(module, nn.RNNBase):
+        return module.mode in KINDS and not module.bidirectional
+    if isinstance(module, Dropout):
+        return module.p > 0
+    return getattr(module, "max_pools", False)
+
+
 def warm_up(model: nn.Module, device: torch.device) -> None:
-    """Build (or load) the kernel now if training `model` on `device` would use it, so that
-    no timed epoch pays for the build."""
-    recurrences = [m for m in model.modules() if isinstance(m, nn.RNNBase) and m.mode in KINDS]
-    if device.type == "cpu" and enabled() and recurrences:
+    """Build (or load) the kernels now if training `model` on `device` would use them, so
+    that no timed epoch pays for the build."""
+    if device.type == "cpu" and enabled() and any(serves(m) for m in model.modules()):
         kernels()
+
+
+def trains(x: torch.Tensor) -> bool:
+    """Whether an op on `x` runs through the kernels: float32 on the CPU, gradients on, not
+    traced or exported, the kernels on and built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and enabled()
+        and kernels() is not None
+    )
 
 
 class _Recurrence(torch.autograd.Function):
@@ -106,23 +150,16 @@ class _Recurrence(torch.autograd.Function):
 
 
 def applies(rnn: nn.RNNBase, x: torch.Tensor) -> bool:
-    """Whether `rnn` on `x` can train through the kernel: an RNN or GRU of one direction,
-    float32 on the CPU, gradients on, not traced or exported, RNNFLOW_FUSED not 0, the kernel
-    built."""
+    """Whether `rnn` on `x` can train through the kernel: an RNN or GRU of one direction, in
+    training mode, batch first, and `trains(x)`."""
     return (
         rnn.mode in KINDS
         and rnn.training
-        and torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
         and not rnn.bidirectional
         and not rnn.proj_size
         and rnn.bias
         and rnn.batch_first
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and enabled()
-        and kernels() is not None
+        and trains(x)
     )
 
 
@@ -132,10 +169,49 @@ def run(rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
     kind = KINDS[rnn.mode]
     for layer in range(rnn.num_layers):
         if layer:
-            x = F.dropout(x, rnn.dropout, training=True)
+            x = dropout(x, rnn.dropout, training=True)
         w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l{layer}") for n in RNN_WEIGHTS)
         # an RNN adds both biases before its nonlinearity: one bias in the projection
         bias = b_ih if kind == KINDS["GRU"] else b_ih + b_hh
         xp = F.linear(x, w_ih, bias).contiguous()
         x = _Recurrence.apply(xp, w_hh, b_hh, kind)
     return x
+
+
+class _MaxPool(torch.autograd.Function):
+    """states [B, T, F], lengths [B] -> the maximum over each sequence's valid steps [B, F]."""
+
+    @staticmethod
+    def forward(ctx, states, lengths):
+        values, index = kernels().max_pool(states, lengths)
+        ctx.save_for_backward(index)
+        ctx.steps = states.shape[1]
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return kernels().max_pool_backward(grad, index, ctx.steps), None
+
+
+def max_pool(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over each sequence's valid steps, [B, T, F] -> [B, F], where
+    `trains(states)`. Its gradient goes to the first step holding each maximum (torch's
+    amax shares it among equal maxima: the same wherever no two steps tie)."""
+    return _MaxPool.apply(states, lengths)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(x, p, training), with the kernels' mask where `trains(x)`: x times 0 or
+    1 / (1 - p), the mask seeded by one draw from torch's generator."""
+    if not (training and 0 < p < 1 and trains(x)):
+        return F.dropout(x, p, training)
+    seed = int(torch.randint(0, 2**62, ()))
+    return x * kernels().dropout_mask(x.shape, p, seed)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout through `dropout`: the kernels' mask when training on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)

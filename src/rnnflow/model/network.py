@@ -88,15 +88,13 @@ class TorchRNNCore(nn.Module):
         # direction must start at each sequence's own last step.
         self.packed = cfg.bidirectional
         # Training on the CPU, the padded path runs through the fused recurrence kernel (the
-        # same function of the same weights; rnnflow.model.fused); False: always nn.* (the
-        # bench's baseline).
-        self.fused = True
+        # same function of the same weights; rnnflow.model.fused).
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor):
         rows = torch.arange(emb.shape[0], device=emb.device)
         last = (lengths.to(emb.device) - 1).clamp(min=0)
         if not self.packed:
-            if self.fused and fused.applies(self.rnn, emb):
+            if fused.applies(self.rnn, emb):
                 out = fused.run(self.rnn, emb)
             else:
                 out, _ = self.rnn(emb)
@@ -141,7 +139,7 @@ class CellLoopCore(nn.Module):
         self.cells = cells()
         self.cells_reverse = cells() if cfg.bidirectional else None
         self.activation = torch.tanh if cfg.nonlinearity == "tanh" else torch.relu
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = fused.Dropout(cfg.dropout)
 
     def directions(self) -> list[tuple[str, nn.ModuleList]]:
         """(nn.RNN's parameter suffix, the layers' cells) per direction: forward, backward."""
@@ -208,6 +206,7 @@ class Pool(nn.Module):
         self.kind = kind
         self.score = nn.Linear(features, 1) if kind == "attention" else None
         self.out_features = features * (3 if kind == "concat" else 1)  # what the head reads
+        self.max_pools = kind in ("max", "concat")  # through fused.max_pool when training
 
     def forward(self, states, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if self.kind == "last":
@@ -216,11 +215,10 @@ class Pool(nn.Module):
         if self.kind == "mean":
             return masked_mean(states, valid, lengths)
         if self.kind == "max":
-            return masked_max(states, valid)
+            return masked_max(states, valid, lengths)
         if self.kind == "concat":
-            return torch.cat(
-                [last, masked_max(states, valid), masked_mean(states, valid, lengths)], dim=1
-            )
+            peak = masked_max(states, valid, lengths)
+            return torch.cat([last, peak, masked_mean(states, valid, lengths)], dim=1)
         scores = self.score(states).masked_fill(~valid, -torch.inf)  # [B, T, 1]
         return (torch.softmax(scores, dim=1) * states).sum(1)
 
@@ -231,8 +229,11 @@ def masked_mean(states: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor
     return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
 
 
-def masked_max(states: torch.Tensor, valid: torch.Tensor):
-    """Elementwise max over each sequence's valid steps: [B, T, F] -> [B, F]."""
+def masked_max(states: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor):
+    """Elementwise max over each sequence's valid steps: [B, T, F] -> [B, F] (training on
+    the CPU through the fused kernel, the same values)."""
+    if fused.trains(states):
+        return fused.max_pool(states, lengths)
     return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
 
 
@@ -300,7 +301,7 @@ class RNNClassifier(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim, padding_idx=PAD_ID)
-        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
+        self.embedding_dropout = fused.Dropout(cfg.embedding_dropout)
         self.ngrams = None
         self.core_cfg = cfg  # the core's own config: its input width is the features'
         if cfg.conv_width:
@@ -312,7 +313,7 @@ class RNNClassifier(nn.Module):
         self.bag = None
         if cfg.ngram_bag:
             self.bag = NgramBag(cfg.ngram_bag, cfg.ngram_buckets, cfg.embedding_dim, cfg.vocab_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = fused.Dropout(cfg.dropout)
         bag_features = cfg.embedding_dim if self.bag is not None else 0
         self.head = nn.Linear(self.pool.out_features + bag_features, cfg.num_classes)
 

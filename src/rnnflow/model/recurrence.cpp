@@ -1,5 +1,6 @@
-// The recurrence of nn.RNN (tanh, relu) and nn.GRU for CPU training, one layer and one
-// direction, forward and backward; compiled on first use by rnnflow/model/fused.py.
+// rnnflow's CPU training kernels, compiled on first use by rnnflow/model/fused.py: the
+// recurrence of nn.RNN (tanh, relu) and nn.GRU, one layer and one direction, forward and
+// backward; below it, max pooling over the valid steps and dropout's mask.
 //
 // Why: torch's CPU RNN runs every step as a dozen small ops with their autograd nodes, each
 // a few microseconds of dispatch, so at batch 64 and hidden 128 the step is mostly overhead.
@@ -164,6 +165,97 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   return {dxp, dw, db};
 }
 
+// Max pooling over each sequence's valid steps: states [B, T, F], lengths [B] -> the
+// maximum [B, F] and the step it came from [B, F] (the first of equal maxima; a NaN wins, as
+// in torch.max; no valid step: -inf and -1). One pass over the valid steps, where torch's
+// masked max makes a masked copy of the states and reduces across a non-inner dimension.
+std::tuple<at::Tensor, at::Tensor> max_pool(const at::Tensor& states, const at::Tensor& lengths) {
+  TORCH_CHECK(states.dim() == 3 && states.scalar_type() == at::kFloat,
+              "max_pool: states must be a float32 [B, T, F] tensor");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == states.size(0),
+              "max_pool: lengths must be [B]");
+  auto x = states.contiguous();
+  auto len = lengths.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), T = x.size(1), F = x.size(2);
+  auto values = at::empty({B, F}, x.options());
+  auto index = at::empty({B, F}, x.options().dtype(at::kInt));
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* __restrict__ v = values.data_ptr<float>() + b * F;
+      int32_t* __restrict__ i = index.data_ptr<int32_t>() + b * F;
+      const int64_t steps = std::min<int64_t>(len.data_ptr<int64_t>()[b], T);
+      const float* first = x.data_ptr<float>() + b * T * F;
+      if (steps > 0) std::copy(first, first + F, v);
+      std::fill(v + (steps > 0 ? F : 0), v + F, -INFINITY);
+      std::fill(i, i + F, steps > 0 ? 0 : -1);
+      for (int64_t t = 1; t < steps; ++t) {
+        const float* __restrict__ s = first + t * F;
+        const int32_t step = static_cast<int32_t>(t);
+#pragma GCC ivdep
+        for (int64_t j = 0; j < F; ++j) {
+          const bool wins = (s[j] > v[j]) | ((s[j] != s[j]) & (v[j] == v[j]));
+          v[j] = wins ? s[j] : v[j];
+          i[j] = wins ? step : i[j];
+        }
+      }
+    }
+  });
+  return {values, index};
+}
+
+// max_pool's gradient: grad [B, F] goes to the step each maximum came from, zeros elsewhere.
+at::Tensor max_pool_backward(const at::Tensor& grad, const at::Tensor& index, int64_t steps) {
+  auto g = grad.contiguous();
+  const int64_t B = g.size(0), F = g.size(1);
+  auto out = at::zeros({B, steps, F}, g.options());
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* __restrict__ d = g.data_ptr<float>() + b * F;
+      const int32_t* __restrict__ i = index.data_ptr<int32_t>() + b * F;
+      float* __restrict__ o = out.data_ptr<float>() + b * steps * F;
+      for (int64_t j = 0; j < F; ++j)
+        if (i[j] >= 0) o[i[j] * F + j] = d[j];
+    }
+  });
+  return out;
+}
+
+// Dropout multipliers m[2q], m[2q + 1] for q in [q0, q1): 0 where the uniform draw is below
+// `drop`, else `keep`. Draw q is SplitMix64 (Steele et al. 2014) of base + q times the golden
+// ratio, whose bits 40-63 and 8-31 give the two uniforms in [0, 1). A plain function of
+// restrict pointers and values, so that it vectorises (inside a lambda it does not).
+void dropout_pairs(float* __restrict__ m, int64_t q0, int64_t q1, uint64_t base, float drop,
+                   float keep) {
+  for (int64_t q = q0; q < q1; ++q) {
+    uint64_t z = base + static_cast<uint64_t>(q) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u0 = static_cast<float>(static_cast<int32_t>(z >> 40)) * 0x1p-24f;
+    const float u1 = static_cast<float>(static_cast<int32_t>((z >> 8) & 0xFFFFFFu)) * 0x1p-24f;
+    m[2 * q] = u0 < drop ? 0.f : keep;
+    m[2 * q + 1] = u1 < drop ? 0.f : keep;
+  }
+}
+
+// Inverted dropout's multiplier, float32 [size]: every element 0 with probability p, else
+// 1 / (1 - p), from dropout_pairs. A function of the seed and the position only, so the same
+// on any number of threads, and computed in vector lanes, where torch's bernoulli_ draws
+// element after element from one Mersenne Twister.
+at::Tensor dropout_mask(at::IntArrayRef size, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_mask: p must be in [0, 1), got ", p);
+  auto mask = at::empty(size, at::TensorOptions().dtype(at::kFloat));
+  const int64_t n = mask.numel(), pairs = (n + 1) / 2;
+  const float keep = static_cast<float>(1.0 / (1.0 - p)), drop = static_cast<float>(p);
+  auto draws = n == 2 * pairs ? mask : at::empty({2 * pairs}, mask.options());
+  float* m = draws.data_ptr<float>();
+  at::parallel_for(0, pairs, 8192, [&](int64_t q0, int64_t q1) {
+    dropout_pairs(m, q0, q1, static_cast<uint64_t>(seed), drop, keep);
+  });
+  if (n < 2 * pairs) mask.view(-1).copy_(draws.narrow(0, 0, n));
+  return mask;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnflow_recurrence, m) {
@@ -171,9 +263,19 @@ TORCH_LIBRARY(rnnflow_recurrence, m) {
   m.def(
       "backward(Tensor grad_out, Tensor out, Tensor prev, Tensor saved, Tensor w_hh, int kind)"
       " -> (Tensor, Tensor, Tensor)");
+  m.def("max_pool(Tensor states, Tensor lengths) -> (Tensor, Tensor)");
+  m.def("max_pool_backward(Tensor grad, Tensor index, int steps) -> Tensor");
+  m.def("dropout_mask(int[] size, float p, int seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnflow_recurrence, CPU, m) {
   m.impl("forward", forward);
   m.impl("backward", backward);
+  m.impl("max_pool", max_pool);
+  m.impl("max_pool_backward", max_pool_backward);
+}
+
+// No tensor goes in, so the dispatcher finds no backend: the mask is the CPU's.
+TORCH_LIBRARY_IMPL(rnnflow_recurrence, CompositeExplicitAutograd, m) {
+  m.impl("dropout_mask", dropout_mask);
 }

@@ -5,9 +5,9 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
   torch's thread count): the roof the training numbers are read against.
 - train: per variant, real tokens/s of the training loop itself (`train.run_epoch`: forward,
   backward, clipping, Adam) four ways on the same data and sizes: `now`; `nn`, now with the
-  fused CPU recurrence off (rnnflow.model.fused: nn.RNN and nn.GRU's own kernels instead;
-  the same as now wherever the fused one does not apply); `before` this release (packed
-  input for the nn.* kinds, Adam's for-loop implementation, batches of 64); and the
+  fused CPU kernels off (rnnflow.model.fused: torch's own recurrence, max pooling and
+  dropout instead); `before` this release (the kernels off, packed input for the nn.*
+  kinds, Adam's for-loop implementation, batches of 64); and the
   `tutorial` way (one cell call per step and layer, every sequence padded to the global max,
   no buckets). With the FLOPs a token costs (forward and backward of every recurrent
   matmul), `now` becomes train_gflops and share_of_matmul_limit. On CUDA, also the share of
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from rnnflow.core.paths import PACKED, REPORTS
 from rnnflow.core.variants import VARIANTS
 from rnnflow.data.batching import BucketBatchSampler, PackedSplit
 from rnnflow.data.pack import padding_report
+from rnnflow.model import fused
 from rnnflow.model.network import ModelConfig, RNNClassifier
 from rnnflow.runtime import host
 from rnnflow.runtime.timeline import RECORDS
@@ -167,11 +169,9 @@ def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict
             model = (TutorialModel(cfg) if way == "tutorial" else RNNClassifier(cfg)).to(device)
             if way == "before" and hasattr(model.core, "packed"):
                 model.core.packed = True  # the packed path every nn.* kind took before
-            if way == "nn" and hasattr(model.core, "fused"):
-                model.core.fused = False  # nn.RNN / nn.GRU's own CPU kernels (before: packed)
             # now, nn: Adam's fused kernel, as train.py; before: Adam's defaults, as it was
-            fused = True if way in ("now", "nn") else None
-            optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=fused)
+            adam = True if way in ("now", "nn") else None
+            optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=adam)
             if way in ("now", "nn") and params.train.cuda_graphs and graphable(model, device, 1):
                 model = GraphedSteps(model)  # as train.py does on CUDA
             out[f"{variant}/{way}"] = (model, optimizer, batches[way])
@@ -187,7 +187,9 @@ def train_rates(runners: dict, device: torch.device, clip_norm: float) -> dict[s
             chunk = batches[r * BATCHES_PER_ROUND : (r + 1) * BATCHES_PER_ROUND] or batches
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            result = run_epoch(model, chunk, device, optimizer, clip_norm)
+            # nn, before, tutorial: torch's own ops throughout
+            with nullcontext() if name.endswith("/now") else fused.off():
+                result = run_epoch(model, chunk, device, optimizer, clip_norm)
             if r:  # round 0 warms up
                 rates[name].append(result.tokens / result.seconds)
     return {name: statistics.median(r) for name, r in rates.items()}
