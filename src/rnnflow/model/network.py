@@ -5,7 +5,8 @@ of the window of `conv_width` tokens centred on it (nn.Conv1d + ReLU over the em
 padded steps zeroed first, so a text's features do not depend on its padding).
 
 A core returns (states, last): the top layer's state at every step [B, T, F] (None when the
-pooling does not read it) and its state at each sequence's last valid step [B, F]. `Pool`
+pooling does not read it) and its state at each sequence's last valid step [B, F] (nn.*
+cores: None when the pooling does not read it). `Pool`
 summarises them for the head: `last` (the last state; bidirectional: the forward direction's
 last and the backward direction's first), `mean` and `max` over the valid steps, or
 `attention` (a learned score per step, softmax over the valid steps), or `concat` (last, max
@@ -87,29 +88,38 @@ class TorchRNNCore(nn.Module):
         # extra padded steps at a few percent. Two directions need packing: the backward
         # direction must start at each sequence's own last step.
         self.packed = cfg.bidirectional
+        self.reads_last = cfg.pool in ("last", "concat")  # else the head never reads `last`
         # Training on the CPU, the padded path runs through the fused recurrence kernel (the
         # same function of the same weights; rnnflow.model.fused).
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor):
-        rows = torch.arange(emb.shape[0], device=emb.device)
-        last = (lengths.to(emb.device) - 1).clamp(min=0)
         if not self.packed:
             if fused.applies(self.rnn, emb):
                 out = fused.run(self.rnn, emb)
             else:
                 out, _ = self.rnn(emb)
-            return out, out[rows, last]
+            return out, self.last_states(out, lengths)
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.rnn(packed)
         # Read the last layer's states from its output sequence rather than from h_n: the
         # same numbers, and the TorchScript ONNX exporter (torch 2.13) crashes on one-layer
         # modules whose output sequence is left unused.
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=emb.shape[1])
+        return out, self.last_states(out, lengths)
+
+    def last_states(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """out [B, T, directions * H] (zeros after each end) -> the forward direction's state at
+        each sequence's last valid step and the backward direction's at position 0; None
+        when the pooling does not read them."""
+        if not self.reads_last:
+            return None
+        rows = torch.arange(out.shape[0], device=out.device)
+        last = (lengths.to(out.device) - 1).clamp(min=0)
         hidden = self.rnn.hidden_size
-        forward = out[rows, last, :hidden]  # out: [B, T, directions * H], zeros after the end
+        forward = out[rows, last, :hidden]
         if self.directions == 1:
-            return out, forward
-        return out, torch.cat([forward, out[:, 0, hidden:]], dim=1)  # backward at position 0
+            return forward
+        return torch.cat([forward, out[:, 0, hidden:]], dim=1)
 
 
 class CellLoopCore(nn.Module):
@@ -208,7 +218,7 @@ class Pool(nn.Module):
         self.out_features = features * (3 if kind == "concat" else 1)  # what the head reads
         self.max_pools = kind in ("max", "concat")  # through fused.max_pool when training
 
-    def forward(self, states, last: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, states, last: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         if self.kind == "last":
             return last
         valid = valid_steps(states, lengths)

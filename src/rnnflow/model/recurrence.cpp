@@ -124,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     auto dh = at::zeros({rows, H}, out.options());  // from step t + 1 through W_hh
-    auto carry = at::zeros({rows, H}, out.options());  // GRU: from step t + 1 through z
+    // GRU: the gradient from step t + 1 through z
+    auto carry = kind == GRU ? at::zeros({rows, H}, out.options()) : at::Tensor();
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t at_bt = b * T + t, k = (b - b0) * H;
