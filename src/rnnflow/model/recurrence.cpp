@@ -186,9 +186,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool(const at::Tensor& states, const at::
       int32_t* __restrict__ i = index.data_ptr<int32_t>() + b * F;
       const int64_t steps = std::min<int64_t>(len.data_ptr<int64_t>()[b], T);
       const float* first = x.data_ptr<float>() + b * T * F;
-      if (steps > 0) std::copy(first, first + F, v);
-      std::fill(v + (steps > 0 ? F : 0), v + F, -INFINITY);
-      std::fill(i, i + F, steps > 0 ? 0 : -1);
+      if (steps > 0) {  // step 0 holds every maximum so far
+        std::copy(first, first + F, v);
+        std::fill(i, i + F, 0);
+      } else {
+        std::fill(v, v + F, -INFINITY);
+        std::fill(i, i + F, -1);
+      }
       for (int64_t t = 1; t < steps; ++t) {
         const float* __restrict__ s = first + t * F;
         const int32_t step = static_cast<int32_t>(t);
