@@ -4,6 +4,7 @@ input), the max pooling torch's masked max, and dropout's mask has dropout's dis
 
 import logging
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,14 @@ def test_one_build_serves_every_copy_of_the_project(tmp_path, monkeypatch):
     assert fused.build_dir() == here and here.parent == tmp_path / "ext"
     copy.write_bytes(copy.read_bytes() + b"// changed\n")
     assert fused.build_dir() != here
+
+
+def test_each_kind_of_cpu_has_its_own_build(monkeypatch):
+    """-march=native: a build for one CPU's instruction sets may not run on another's."""
+    here = fused.build_dir()
+    assert "avx" in fused.cpu_features() or fused.cpu_features() == platform.machine()
+    monkeypatch.setattr(fused, "cpu_features", lambda: "flags : fpu sse sse2")
+    assert fused.build_dir() != here and fused.build_dir().parent == here.parent
 
 
 def test_the_build_is_marked_complete_and_loaded_from_there():

@@ -23,6 +23,7 @@ warning. RNNFLOW_FUSED=0 turns them off (nothing is built), and so does `with of
 import hashlib
 import logging
 import os
+import platform
 import sys
 from contextlib import contextmanager
 from functools import cache
@@ -63,11 +64,24 @@ FLAGS = {  # tuples: torch's loader appends to the lists it is given
 }
 
 
+def cpu_features() -> str:
+    """The instruction sets -march=native compiles for: /proc/cpuinfo's flags (Linux), else
+    the machine's name."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return flags.strip() or platform.machine()
+
+
 def build_dir() -> Path:
-    """Where the kernel is built, keyed by what it is built from: the source, the flags and
-    torch's version. Not torch's own keying, which rebuilds whenever the source's or torch's
-    path changes (every clone and copy of the project, each venv)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, torch.__version__)).encode())
+    """Where the kernel is built, keyed by what it is built from: the source, the flags,
+    torch's version and the CPU's instruction sets (a build for AVX-512 would crash on a CPU
+    without it). Not torch's own keying, which rebuilds whenever the source's or torch's path
+    changes (every clone and copy of the project, each venv)."""
+    recipe = repr((FLAGS, torch.__version__, cpu_features()))
+    key = hashlib.sha256(SOURCE.read_bytes() + recipe.encode())
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return Path(root) / f"rnnflow_recurrence_{key.hexdigest()[:16]}"
 
