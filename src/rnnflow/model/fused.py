@@ -115,11 +115,23 @@ def kernels():
     return torch.ops.rnnflow_recurrence
 
 
+def recurrence_fits(rnn: nn.RNNBase) -> bool:
+    """Whether the kernel computes `rnn`: an RNN or GRU of one direction, batch first, with
+    biases and no projection."""
+    return (
+        rnn.mode in KINDS
+        and not rnn.bidirectional
+        and not rnn.proj_size
+        and rnn.bias
+        and rnn.batch_first
+    )
+
+
 def serves(module: nn.Module) -> bool:
-    """Whether training `module` runs something through the kernels: a one-direction RNN or
-    GRU, a `Dropout` that drops, or a module that max-pools (`max_pools` True)."""
+    """Whether training `module` runs something through the kernels: an RNN the recurrence
+    fits, a `Dropout` that drops, or a module that max-pools (`max_pools` True)."""
     if isinstance(module, nn.RNNBase):
-        return module.mode in KINDS and not module.bidirectional
+        return recurrence_fits(module)
     if isinstance(module, Dropout):
         return module.p > 0
     return getattr(module, "max_pools", False)
@@ -164,17 +176,9 @@ class _Recurrence(torch.autograd.Function):
 
 
 def applies(rnn: nn.RNNBase, x: torch.Tensor) -> bool:
-    """Whether `rnn` on `x` can train through the kernel: an RNN or GRU of one direction, in
-    training mode, batch first, and `trains(x)`."""
-    return (
-        rnn.mode in KINDS
-        and rnn.training
-        and not rnn.bidirectional
-        and not rnn.proj_size
-        and rnn.bias
-        and rnn.batch_first
-        and trains(x)
-    )
+    """Whether `rnn` on `x` trains through the kernel: the recurrence fits it, it is in
+    training mode, and `trains(x)`."""
+    return recurrence_fits(rnn) and rnn.training and trains(x)
 
 
 def run(rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:

@@ -221,13 +221,13 @@ class Pool(nn.Module):
     def forward(self, states, last: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
         if self.kind == "last":
             return last
+        if self.kind == "max":
+            return masked_max(states, lengths)
         valid = valid_steps(states, lengths)
         if self.kind == "mean":
             return masked_mean(states, valid, lengths)
-        if self.kind == "max":
-            return masked_max(states, valid, lengths)
         if self.kind == "concat":
-            peak = masked_max(states, valid, lengths)
+            peak = masked_max(states, lengths)
             return torch.cat([last, peak, masked_mean(states, valid, lengths)], dim=1)
         scores = self.score(states).masked_fill(~valid, -torch.inf)  # [B, T, 1]
         return (torch.softmax(scores, dim=1) * states).sum(1)
@@ -239,11 +239,12 @@ def masked_mean(states: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor
     return total / lengths.to(states.device).clamp(min=1).unsqueeze(1).to(states.dtype)
 
 
-def masked_max(states: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor):
+def masked_max(states: torch.Tensor, lengths: torch.Tensor):
     """Elementwise max over each sequence's valid steps: [B, T, F] -> [B, F] (training on
     the CPU through the fused kernel, the same values)."""
     if fused.trains(states):
         return fused.max_pool(states, lengths)
+    valid = valid_steps(states, lengths)
     return torch.where(valid, states, torch.full_like(states, -torch.inf)).amax(1)
 
 
