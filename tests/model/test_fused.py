@@ -1,6 +1,7 @@
 """The fused CPU kernels (rnnflow.model.fused, recurrence.cpp): the recurrence computes
-nn.RNN's and nn.GRU's function (the same outputs and the same gradients of every weight and
-input), the max pooling torch's masked max, and dropout's mask has dropout's distribution."""
+nn.RNN's, nn.GRU's and nn.LSTM's function (the same outputs and the same gradients of every
+weight and input), the max pooling torch's masked max, and dropout's mask has dropout's
+distribution."""
 
 import logging
 import os
@@ -23,6 +24,7 @@ KINDS = [
     (nn.RNN, {"nonlinearity": "tanh"}),
     (nn.RNN, {"nonlinearity": "relu"}),
     (nn.GRU, {}),
+    (nn.LSTM, {}),
 ]
 
 
@@ -67,7 +69,7 @@ def test_the_same_inputs_give_the_same_bits():
     assert torch.equal(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("variant", ["rnn", "rnn_deep", "gru"])
+@pytest.mark.parametrize("variant", ["rnn", "rnn_deep", "gru", "lstm"])
 def test_models_train_through_the_kernel_and_evaluate_through_nn(variant, monkeypatch):
     calls = []
     run = fused.run
@@ -90,7 +92,8 @@ def test_where_the_kernel_does_not_apply():
 
     x = torch.randn(2, 3, 4)
     assert applies(nn.GRU(4, 5, batch_first=True), x)
-    assert not applies(nn.LSTM(4, 5, batch_first=True), x)  # oneDNN's kernel is as fast
+    assert applies(nn.LSTM(4, 5, batch_first=True), x)
+    assert not applies(nn.LSTM(4, 5, batch_first=True, proj_size=3), x)
     assert not applies(nn.GRU(4, 5, batch_first=True, bidirectional=True), x)
     assert not applies(nn.GRU(4, 5, batch_first=False), x)
     assert not applies(nn.GRU(4, 5, batch_first=True).double(), x.double())
@@ -137,19 +140,19 @@ def test_training_builds_the_kernel_before_the_first_timed_epoch(monkeypatch):
     built = []
     monkeypatch.setattr(fused, "kernels", lambda: built.append(1))
     cpu = torch.device("cpu")
-    # oneDNN's LSTM, a cell loop, no dropout, the last state: nothing to build
+    # a cell loop, no dropout, the last state: nothing to build
     quiet = {"dropout": 0.0, "embedding_dropout": 0.0, "pool": "last"}
-    fused.warm_up(make("lstm", **quiet), cpu)
     fused.warm_up(make("rnn_cell", **quiet), cpu)
     fused.warm_up(make("gru"), torch.device("cuda"))  # cuDNN there
     assert built == []
     fused.warm_up(make("rnn_deep", **quiet), cpu)  # the recurrence
-    fused.warm_up(make("lstm", **quiet | {"pool": "max"}), cpu)  # the max pooling
+    fused.warm_up(make("lstm", **quiet), cpu)  # the recurrence
+    fused.warm_up(make("rnn_cell", **quiet | {"pool": "max"}), cpu)  # the max pooling
     fused.warm_up(make("rnn_cell", **quiet | {"embedding_dropout": 0.1}), cpu)  # dropout
-    assert built == [1, 1, 1]
+    assert built == [1, 1, 1, 1]
     monkeypatch.setenv("RNNFLOW_FUSED", "0")
     fused.warm_up(make("gru"), cpu)
-    assert built == [1, 1, 1]
+    assert built == [1, 1, 1, 1]
 
 
 def test_one_build_serves_every_copy_of_the_project(tmp_path, monkeypatch):

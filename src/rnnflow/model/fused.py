@@ -1,10 +1,9 @@
 """Fused CPU training kernels (recurrence.cpp): the same functions of the same parameters as
 torch's, in fewer and cheaper passes.
 
-- The recurrence of nn.RNN and nn.GRU: per step one matrix product and one loop over the
-  batch for all the gate arithmetic, forward and backward, instead of torch's dozen small ops
-  per step. nn.LSTM keeps oneDNN's fused kernel, which this one did not beat (0.97-1.02x,
-  docs "Performance").
+- The recurrence of nn.RNN, nn.GRU and nn.LSTM: per step one matrix product and one loop
+  over the batch for all the gate arithmetic, forward and backward, instead of torch's dozen
+  small ops per step (RNN, GRU) or oneDNN's LSTM kernel.
 - Max pooling over the valid steps: one pass that keeps each maximum's step, and a backward
   that writes the gradient there; torch's masked max copies the states, reduces across a
   non-inner dimension and compares every state again in its backward.
@@ -36,7 +35,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("recurrence.cpp")
-KINDS = {"RNN_TANH": 0, "RNN_RELU": 1, "GRU": 2}  # recurrence.cpp's Kind, by nn.RNNBase.mode
+# recurrence.cpp's Kind, by nn.RNNBase.mode
+KINDS = {"RNN_TANH": 0, "RNN_RELU": 1, "GRU": 2, "LSTM": 3}
 RNN_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # a layer's, as nn.RNN names them
 
 
@@ -116,8 +116,8 @@ def kernels():
 
 
 def recurrence_fits(rnn: nn.RNNBase) -> bool:
-    """Whether the kernel computes `rnn`: an RNN or GRU of one direction, batch first, with
-    biases and no projection."""
+    """Whether the kernel computes `rnn`: an RNN, GRU or LSTM of one direction, batch first,
+    with biases and no projection."""
     return (
         rnn.mode in KINDS
         and not rnn.bidirectional
@@ -189,7 +189,7 @@ def run(rnn: nn.RNNBase, x: torch.Tensor) -> torch.Tensor:
         if layer:
             x = dropout(x, rnn.dropout, training=True)
         w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l{layer}") for n in RNN_WEIGHTS)
-        # an RNN adds both biases before its nonlinearity: one bias in the projection
+        # RNN and LSTM add both biases before their nonlinearities: one bias in the projection
         bias = b_ih if kind == KINDS["GRU"] else b_ih + b_hh
         xp = F.linear(x, w_ih, bias).contiguous()
         x = _Recurrence.apply(xp, w_hh, b_hh, kind)

@@ -1,6 +1,6 @@
 // rnnflow's CPU training kernels, compiled on first use by rnnflow/model/fused.py: the
-// recurrence of nn.RNN (tanh, relu) and nn.GRU, one layer and one direction, forward and
-// backward; below it, max pooling over the valid steps and dropout's mask.
+// recurrence of nn.RNN (tanh, relu), nn.GRU and nn.LSTM, one layer and one direction, forward
+// and backward; below it, max pooling over the valid steps and dropout's mask.
 //
 // Why: torch's CPU RNN runs every step as a dozen small ops with their autograd nodes, each
 // a few microseconds of dispatch, so at batch 64 and hidden 128 the step is mostly overhead.
@@ -9,8 +9,8 @@
 // recurrent weights' gradient is one large product after the loop.
 //
 // Layout: batch first. xp [B, T, G*H] is the input projection x @ W_ih^T + b_ih of every step
-// (for RNN with b_hh added too, since both biases only add), G gates in torch's order (GRU
-// r, z, n). Rows of a batch never meet in a recurrence, so the threads split the batch and
+// (for RNN and LSTM with b_hh added too, since both biases only add), G gates in torch's
+// order (GRU r, z, n; LSTM i, f, g, o). Rows of a batch never meet in a recurrence, so the threads split the batch and
 // each runs its rows through every step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 // glibc's vector versions (libmvec) of the two functions, so the gate loops vectorise
 // without -ffast-math (which glibc requires to declare them itself).
@@ -29,10 +30,10 @@ __attribute__((simd("notinbranch"))) float tanhf(float) noexcept;
 
 namespace {
 
-enum Kind : int64_t { RNN_TANH = 0, RNN_RELU = 1, GRU = 2 };
+enum Kind : int64_t { RNN_TANH = 0, RNN_RELU = 1, GRU = 2, LSTM = 3 };
 
-int64_t gates(int64_t kind) { return kind == GRU ? 3 : 1; }
-int64_t saved_width(int64_t kind) { return kind == GRU ? 4 : 0; }
+int64_t gates(int64_t kind) { return kind == LSTM ? 4 : kind == GRU ? 3 : 1; }
+int64_t saved_width(int64_t kind) { return kind == LSTM ? 5 : kind == GRU ? 4 : 0; }
 
 inline float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -48,7 +49,7 @@ void over_rows(int64_t batch, const F& f) {
 }
 
 void check(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& b_hh, int64_t kind) {
-  TORCH_CHECK(kind >= RNN_TANH && kind <= GRU, "recurrence: unknown kind ", kind);
+  TORCH_CHECK(kind >= RNN_TANH && kind <= LSTM, "recurrence: unknown kind ", kind);
   TORCH_CHECK(xp.dim() == 3 && xp.is_contiguous() && xp.scalar_type() == at::kFloat,
               "recurrence: xp must be a contiguous float32 [B, T, G*H] tensor");
   const int64_t H = w_hh.size(1);
@@ -59,7 +60,8 @@ void check(const at::Tensor& xp, const at::Tensor& w_hh, const at::Tensor& b_hh,
 
 // out [B, T, H]: the state after every step; prev [B, T, H]: the state before every step (0
 // before the first), so that the backward's weight gradient is one product of contiguous
-// tensors; saved [B, T, S*H]: what else the backward reads (GRU r, z, n, h @ W_hn + b_hn).
+// tensors; saved [B, T, S*H]: what else the backward reads (GRU r, z, n, h @ W_hn + b_hn;
+// LSTM i, f, g, o and the cell state c).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp,
                                                        const at::Tensor& w_hh,
                                                        const at::Tensor& b_hh, int64_t kind) {
@@ -73,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp,
   auto bias = b_hh.contiguous();
   const float* bh = bias.data_ptr<float>();
   auto wt = w_hh.t();
+  const std::vector<float> zeros(H, 0.f);  // LSTM: the cell state before the first step
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     auto gh = at::zeros({rows, GH}, xp.options());  // h @ W_hh^T; h = 0 before the first step
@@ -90,6 +93,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp,
         } else if (kind == RNN_RELU) {
 #pragma GCC ivdep
           for (int64_t j = 0; j < H; ++j) h[j] = std::max(x[j] + g[j], 0.f);
+        } else if (kind == LSTM) {
+          const float* __restrict__ cp = t ? s - SH + 4 * H : zeros.data();
+#pragma GCC ivdep
+          for (int64_t j = 0; j < H; ++j) {
+            const float i = sigmoid(x[j] + g[j]);
+            const float f = sigmoid(x[H + j] + g[H + j]);
+            const float n = tanhf(x[2 * H + j] + g[2 * H + j]);
+            const float o = sigmoid(x[3 * H + j] + g[3 * H + j]);
+            const float c = f * cp[j] + i * n;
+            h[j] = o * tanhf(c);
+            s[j] = i, s[H + j] = f, s[2 * H + j] = n, s[3 * H + j] = o, s[4 * H + j] = c;
+          }
         } else {
 #pragma GCC ivdep
           for (int64_t j = 0; j < H; ++j) {
@@ -120,12 +135,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   auto dout = grad_out.contiguous();
   auto dxp = at::empty({B, T, GH}, out.options());
   // the pre-activations' gradient as the recurrent product sees it (GRU: n's is r times it)
+  const std::vector<float> zeros(H, 0.f);  // LSTM: the cell state before the first step
   auto dgh = kind == GRU ? at::empty({B, T, GH}, out.options()) : dxp;
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
     auto dh = at::zeros({rows, H}, out.options());  // from step t + 1 through W_hh
-    // GRU: the gradient from step t + 1 through z
-    auto carry = kind == GRU ? at::zeros({rows, H}, out.options()) : at::Tensor();
+    // the gradient from step t + 1 through GRU's z, or through LSTM's cell state
+    auto carry = kind >= GRU ? at::zeros({rows, H}, out.options()) : at::Tensor();
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t at_bt = b * T + t, k = (b - b0) * H;
@@ -141,6 +157,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
         } else if (kind == RNN_RELU) {
 #pragma GCC ivdep
           for (int64_t j = 0; j < H; ++j) dx[j] = h[j] > 0.f ? dhr[j] + d[j] : 0.f;
+        } else if (kind == LSTM) {
+          float* __restrict__ cr = carry.data_ptr<float>() + k;  // through c: d c_{t+1} * f_{t+1}
+          const float* __restrict__ cp = t ? s - SH + 4 * H : zeros.data();
+#pragma GCC ivdep
+          for (int64_t j = 0; j < H; ++j) {
+            const float g = dhr[j] + d[j];
+            const float i = s[j], f = s[H + j], n = s[2 * H + j], o = s[3 * H + j];
+            const float tc = tanhf(s[4 * H + j]);
+            const float dc = cr[j] + g * o * (1.f - tc * tc);
+            dx[j] = dc * n * i * (1.f - i);
+            dx[H + j] = dc * cp[j] * f * (1.f - f);
+            dx[2 * H + j] = dc * i * (1.f - n * n);
+            dx[3 * H + j] = g * tc * o * (1.f - o);
+            cr[j] = dc * f;
+          }
         } else {
           float* __restrict__ dg = dgh.data_ptr<float>() + at_bt * GH;
           float* __restrict__ cr = carry.data_ptr<float>() + k;
