@@ -83,8 +83,8 @@ class TorchRNNCore(nn.Module):
         # One direction runs on the padded batch and reads each sequence's last valid step:
         # steps after a sequence's end cannot reach that step, so the result is the packed
         # one (tested <= 1e-6), and padded input takes torch's faster paths (on the CPU the
-        # input projection of all steps in one matmul and oneDNN's fused LSTM, on CUDA
-        # cuDNN without packing), which packed input never does. Length buckets keep the
+        # input projection of all steps in one matmul and oneDNN's fused LSTM for evaluation,
+        # on CUDA cuDNN without packing), which packed input never does. Length buckets keep the
         # extra padded steps at a few percent. Two directions need packing: the backward
         # direction must start at each sequence's own last step.
         self.packed = cfg.bidirectional
