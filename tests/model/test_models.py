@@ -288,6 +288,34 @@ def test_ngram_bag_is_the_mean_of_each_ngrams_hashed_row():
     assert bag[1].abs().max() == 0  # one token: no bigram, no trigram
 
 
+def test_ngram_dropout_leaves_whole_ngrams_out_of_the_mean_when_training_only():
+    """Training, each n-gram inside the text is left out of the bag's mean with chance
+    ngram_dropout (none left: zeros), another draw each call; evaluating, the mean of all of
+    them, as without it."""
+    model = make("gru", ngram_bag=(2, 3), ngram_buckets=101, ngram_dropout=0.3)
+    plain = make("gru", ngram_bag=(2, 3), ngram_buckets=101)
+    tokens, lengths = padded([9, 4, 12, 1, 7], seed=3)
+    with torch.no_grad():
+        assert torch.equal(model.bag(tokens, lengths), plain.bag(tokens, lengths))
+        ids, valid = model.bag.ids(tokens, lengths)
+        rows = model.bag.table.weight[ids]  # [B, M, dim]
+        model.train()
+        kept, total, bags = 0, 0, []
+        for seed in range(300):
+            torch.manual_seed(seed)
+            keep = valid & (torch.rand(valid.shape) >= 0.3)  # the draw the bag makes
+            torch.manual_seed(seed)
+            bag = model.bag(tokens, lengths)
+            count = keep.sum((1, 2)).clamp(min=1).unsqueeze(1)
+            expected = (rows * keep).sum(1) / count
+            assert torch.allclose(bag, expected, atol=1e-6, rtol=0), seed
+            kept, total = kept + int(keep.sum()), total + int(valid.sum())
+            bags.append(bag)
+    assert abs(kept / total - 0.7) < 0.02, kept / total  # 300 x 52 n-grams: SD 0.004
+    assert bags[0][3].abs().max() == 0  # one token: no n-gram to keep
+    assert not torch.equal(bags[0], bags[1])
+
+
 def test_ngram_bag_changes_the_logits_and_widens_the_head():
     """The head reads the pooled states and the bag side by side."""
     plain, bagged = make("lstm"), make("lstm", ngram_bag=(2,), ngram_buckets=50)

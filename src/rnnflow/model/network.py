@@ -45,6 +45,7 @@ class ModelConfig:
     conv_channels: int = 0
     ngram_bag: tuple[int, ...] = ()
     ngram_buckets: int = 0
+    ngram_dropout: float = 0.0
 
     @classmethod
     def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
@@ -277,9 +278,12 @@ class NgramBag(nn.Module):
     `buckets` after every token (integer ops that ONNX runs as they are). An n-gram counts
     only if all its tokens are before the text's length, so padding never enters the mean."""
 
-    def __init__(self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int):
+    def __init__(
+        self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int, dropout=0.0
+    ):
         super().__init__()
         self.ngrams, self.buckets, self.base = tuple(ngrams), buckets, vocab_size
+        self.dropout = dropout  # training: each n-gram left out of the mean with this chance
         self.table = nn.Embedding(buckets, dim)
 
     def ids(self, tokens: torch.Tensor, lengths: torch.Tensor):
@@ -301,6 +305,8 @@ class NgramBag(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         ids, valid = self.ids(tokens, lengths)
+        if self.training and self.dropout:
+            valid = valid & (torch.rand(valid.shape, device=valid.device) >= self.dropout)
         # the pooling's masked mean, over the n-grams inside the text (none: zeros)
         return masked_mean(self.table(ids), valid, valid.sum((1, 2)))
 
@@ -323,7 +329,13 @@ class RNNClassifier(nn.Module):
         self.pool = Pool(cfg.pool, features)
         self.bag = None
         if cfg.ngram_bag:
-            self.bag = NgramBag(cfg.ngram_bag, cfg.ngram_buckets, cfg.embedding_dim, cfg.vocab_size)
+            self.bag = NgramBag(
+                cfg.ngram_bag,
+                cfg.ngram_buckets,
+                cfg.embedding_dim,
+                cfg.vocab_size,
+                cfg.ngram_dropout,
+            )
         self.dropout = fused.Dropout(cfg.dropout)
         bag_features = cfg.embedding_dim if self.bag is not None else 0
         self.head = nn.Linear(self.pool.out_features + bag_features, cfg.num_classes)
