@@ -10,8 +10,8 @@
 //
 // Layout: batch first. xp [B, T, G*H] is the input projection x @ W_ih^T + b_ih of every step
 // (for RNN and LSTM with b_hh added too, since both biases only add), G gates in torch's
-// order (GRU r, z, n; LSTM i, f, g, o). Rows of a batch never meet in a recurrence, so the threads split the batch and
-// each runs its rows through every step.
+// order (GRU r, z, n; LSTM i, f, g, o). Rows of a batch never meet in a recurrence, so the
+// threads split the batch and each runs its rows through every step.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -123,8 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& xp,
   return {out, prev, saved};
 }
 
-// The gradients of xp [B, T, G*H], of w_hh [G*H, H] and of b_hh [G*H] (GRU; for RNN
-// b_hh's gradient is xp's summed, which autograd gives through the projection).
+// The gradients of xp [B, T, G*H], of w_hh [G*H, H] and of b_hh [G*H] (GRU; for RNN and
+// LSTM b_hh's gradient is xp's summed, which autograd gives through the projection).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_out,
                                                         const at::Tensor& out,
                                                         const at::Tensor& prev,
@@ -134,8 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const int64_t SH = saved_width(kind) * H;
   auto dout = grad_out.contiguous();
   auto dxp = at::empty({B, T, GH}, out.options());
-  // the pre-activations' gradient as the recurrent product sees it (GRU: n's is r times it)
   const std::vector<float> zeros(H, 0.f);  // LSTM: the cell state before the first step
+  // the pre-activations' gradient as the recurrent product sees it (GRU: n's is r times it)
   auto dgh = kind == GRU ? at::empty({B, T, GH}, out.options()) : dxp;
   over_rows(B, [&](int64_t b0, int64_t b1) {
     const int64_t rows = b1 - b0;
