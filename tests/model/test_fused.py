@@ -204,6 +204,35 @@ def test_a_fresh_machine_builds_once_and_a_second_call_loads_that_build(tmp_path
     assert (tmp_path / built[0] / "built").exists()
 
 
+def test_a_build_killed_midway_does_not_hang_the_next_one(tmp_path):
+    """A build killed midway leaves torch's `lock` file and a half-built folder; two processes
+    then starting together must both get the kernels from one build, not wait forever."""
+    script = (
+        "import sys\n"
+        "from rnnflow.model import fused\n"
+        "where = fused.build_dir()\n"
+        "if sys.argv[1] == 'kill':\n"
+        "    where.mkdir(parents=True)\n"
+        "    (where / 'lock').touch()  # what a killed build of torch's loader leaves\n"
+        "    (where / 'recurrence.o').write_bytes(b'half')\n"
+        "else:\n"
+        "    assert fused.kernels() is not None\n"
+        "    print(fused.kernels().dropout_mask([4], 0.5, 1).tolist())\n"
+    )
+    env = os.environ | {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    run = [sys.executable, "-c", script]
+    subprocess.run([*run, "kill"], env=env, check=True, timeout=120)
+    procs = [
+        subprocess.Popen([*run, "go"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0] == outs[1][0] and outs[0][0].startswith(b"[")
+    (built,) = tmp_path.iterdir()
+    assert (built / "built").exists() and not (built / "lock").exists()
+
+
 # ---------------------------------------------------------------------------- max pooling
 
 

@@ -90,29 +90,46 @@ def build_dir() -> Path:
 def kernels():
     """torch.ops.rnnflow_recurrence, built on the first call on a machine and loaded after;
     None where it cannot be built."""
-    from torch.utils.cpp_extension import load
-
     where = build_dir()
     try:
-        if (where / "built").exists():  # written once the library below is complete
+        if (where / "built").exists():  # written once the library is complete
             torch.ops.load_library(where / "rnnflow_recurrence.so")
         else:
-            # ninja from the venv (a dependency) when the venv is not on PATH
-            bin_dir = str(Path(sys.executable).parent)
-            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-            where.mkdir(parents=True, exist_ok=True)
-            load(
-                name="rnnflow_recurrence",
-                sources=[str(SOURCE)],
-                build_directory=str(where),
-                is_python_module=False,
-                **{name: list(flags) for name, flags in FLAGS.items()},
-            )
-            (where / "built").touch()
+            _build(where)
     except Exception as err:  # no compiler, no ninja, ...: torch's own kernels still work
         log.warning("fused CPU kernels unavailable, training uses torch's ops (%s)", err)
         return None
     return torch.ops.rnnflow_recurrence
+
+
+def _build(where: Path) -> None:
+    """Build the library into `where` and load it, one process at a time. torch's loader
+    guards a build with a `lock` file that only a finished build removes: one killed
+    mid-build (Ctrl-C in the first epoch) left it, and every later process waited for it
+    forever. Our lock is an flock, which the system releases when its holder dies; holding
+    it, no one else is building, so a `lock` found then is such a leftover and goes."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if (where / "built").exists():  # another process built it while this one waited
+            torch.ops.load_library(where / "rnnflow_recurrence.so")
+            return
+        (where / "lock").unlink(missing_ok=True)
+        # ninja from the venv (a dependency) when the venv is not on PATH
+        bin_dir = str(Path(sys.executable).parent)
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        load(
+            name="rnnflow_recurrence",
+            sources=[str(SOURCE)],
+            build_directory=str(where),
+            is_python_module=False,
+            **{name: list(flags) for name, flags in FLAGS.items()},
+        )
+        (where / "built").touch()
 
 
 def recurrence_fits(rnn: nn.RNNBase) -> bool:

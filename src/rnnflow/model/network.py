@@ -276,14 +276,15 @@ class NgramBag(nn.Module):
     of the given lengths, each hashed into one of `buckets` rows of a table: tokens [B, T] ->
     [B, dim]. The hash is a polynomial in the token ids, base `vocab_size`, reduced modulo
     `buckets` after every token (integer ops that ONNX runs as they are). An n-gram counts
-    only if all its tokens are before the text's length, so padding never enters the mean."""
+    only if all its tokens are before the text's length, so padding never enters the mean.
+    Training, each n-gram is left out of the mean with chance `dropout` (none left: zeros)."""
 
     def __init__(
-        self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int, dropout=0.0
+        self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int, dropout: float = 0.0
     ):
         super().__init__()
         self.ngrams, self.buckets, self.base = tuple(ngrams), buckets, vocab_size
-        self.dropout = dropout  # training: each n-gram left out of the mean with this chance
+        self.dropout = dropout
         self.table = nn.Embedding(buckets, dim)
 
     def ids(self, tokens: torch.Tensor, lengths: torch.Tensor):
