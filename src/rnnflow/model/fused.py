@@ -92,10 +92,10 @@ def kernels():
     None where it cannot be built."""
     where = build_dir()
     try:
-        if (where / "built").exists():  # written once the library is complete
-            torch.ops.load_library(where / "rnnflow_recurrence.so")
-        else:
+        if not (where / "built").exists():  # written once the library is complete
             _build(where)
+        # (torch's loader loaded what it built; loading it again is a no-op)
+        torch.ops.load_library(where / "rnnflow_recurrence.so")
     except Exception as err:  # no compiler, no ninja, ...: torch's own kernels still work
         log.warning("fused CPU kernels unavailable, training uses torch's ops (%s)", err)
         return None
@@ -103,11 +103,11 @@ def kernels():
 
 
 def _build(where: Path) -> None:
-    """Build the library into `where` and load it, one process at a time. torch's loader
-    guards a build with a `lock` file that only a finished build removes: one killed
-    mid-build (Ctrl-C in the first epoch) left it, and every later process waited for it
-    forever. Our lock is an flock, which the system releases when its holder dies; holding
-    it, no one else is building, so a `lock` found then is such a leftover and goes."""
+    """Build the library into `where`, one process at a time. torch's loader guards a build
+    with a `lock` file that only a finished build removes: one killed mid-build (Ctrl-C in
+    the first epoch) left it, and every later process waited for it forever. Our lock is an
+    flock, which the system releases when its holder dies; holding it, no one else is
+    building, so a `lock` found then is such a leftover and goes."""
     import fcntl
 
     from torch.utils.cpp_extension import load
@@ -116,7 +116,6 @@ def _build(where: Path) -> None:
     with open(where / "build.flock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         if (where / "built").exists():  # another process built it while this one waited
-            torch.ops.load_library(where / "rnnflow_recurrence.so")
             return
         (where / "lock").unlink(missing_ok=True)
         # ninja from the venv (a dependency) when the venv is not on PATH
