@@ -80,6 +80,7 @@ def test_marks_auto_means_the_char_level(tmp_path, tokenize, source, marks):
         (lambda r: r["model"]["variants"].update(lstm={"ngram_bag": [0]}), "lstm.ngram_bag"),
         (lambda r: r["model"]["defaults"].update(ngram_buckets=0), "model.defaults.ngram_buckets"),
         (lambda r: r["model"]["variants"].update(gru={"ngram_dropout": 1.0}), "gru.ngram_dropout"),
+        (lambda r: r["model"]["defaults"].update(ngram_dim=0), "model.defaults.ngram_dim"),
         (lambda r: r["train"].update(label_smoothing=-0.1), "train.label_smoothing"),
         (lambda r: r["tokenize"].update(level="sentencepiece"), "tokenize.level: Input should"),
         (

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from rnnflow.core.config import ModelParams
 from rnnflow.model.network import ModelConfig, RNNClassifier, as_torch_rnn, count_parameters
 
 from ..conftest import VARIANTS
@@ -326,6 +327,26 @@ def test_ngram_bag_changes_the_logits_and_widens_the_head():
         before = bagged(tokens, lengths)
         bagged.bag.table.weight.add_(1.0)
         assert (bagged(tokens, lengths) - before).abs().max() > 1e-3
+
+
+def test_ngram_dim_sets_the_bags_width_and_zero_means_the_embeddings():
+    """`ngram_dim` is the table's width and the head's extra inputs; 0 (a checkpoint saved
+    before the field) means embedding_dim, as it was."""
+    plain, narrow = make("gru"), make("gru", ngram_bag=(2, 3), ngram_buckets=50, ngram_dim=5)
+    assert narrow.bag.table.weight.shape == (50, 5)
+    assert narrow.head.in_features == plain.head.in_features + 5
+    assert count_parameters(narrow) == count_parameters(plain) + 50 * 5 + 5 * 4
+    tokens, lengths = padded([7, 3, 1])
+    with torch.no_grad():
+        assert narrow.bag(tokens, lengths).shape == (3, 5)
+        assert narrow(tokens, lengths).shape == (3, 4)
+    old = make("gru", ngram_bag=(2, 3), ngram_buckets=50, ngram_dim=0)
+    assert old.bag.table.weight.shape == (50, 8)
+    # params: null (the default) is that 0; a number is the width
+    options = ModelParams(ngram_bag=[2, 3], embedding_dim=8)
+    assert ModelConfig.of("gru", options, 30, 4).ngram_dim == 0
+    wide = ModelConfig.of("gru", options.model_copy(update={"ngram_dim": 24}), 30, 4)
+    assert RNNClassifier(wide).bag.table.weight.shape == (16384, 24)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -117,8 +117,9 @@ def test_ngram_models_export_and_match_in_fp32_and_int8(tmp_path, variant, bidir
 @pytest.mark.parametrize(("variant", "bidirectional"), [("rnn_cell_deep", False), ("gru", True)])
 def test_ngram_bag_models_export_and_match_in_fp32_and_int8(tmp_path, variant, bidirectional):
     """The bag's hash runs in ONNX as integer Mul, Add and Mod, and its table as a Gather:
-    the same ids and the same logits as PyTorch, for batches shorter than every n too."""
-    model = make(variant, bidirectional, ngram_bag=(1, 2, 3), ngram_buckets=50)
+    the same ids and the same logits as PyTorch, for batches shorter than every n too (a
+    table narrower than the embeddings: `ngram_dim`)."""
+    model = make(variant, bidirectional, ngram_bag=(1, 2, 3), ngram_buckets=50, ngram_dim=6)
     fp32_ops, _ = exported_fp32_and_int8(model, tmp_path)
     assert {"Mod", "Gather"} <= fp32_ops
 

@@ -74,6 +74,8 @@ class ModelParams(_Strict):
     # n-gram lengths of the hashed bag beside the recurrent core; []: none; auto: see below
     ngram_bag: Literal["auto"] | list[int] = "auto"
     ngram_buckets: int = Field(16384, ge=1, le=2**24)  # rows of the bag's hashed table
+    # its width (the head's extra inputs); None: embedding_dim
+    ngram_dim: int | None = Field(None, ge=1)
     ngram_dropout: float = Field(0.0, ge=0, lt=1)  # training: share of n-grams left out
 
     @field_validator("conv_width")

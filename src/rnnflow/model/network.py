@@ -46,14 +46,14 @@ class ModelConfig:
     ngram_bag: tuple[int, ...] = ()
     ngram_buckets: int = 0
     ngram_dropout: float = 0.0
+    ngram_dim: int = 0  # 0: embedding_dim (params' null; checkpoints saved before the field)
 
     @classmethod
     def of(cls, variant: str, options: ModelParams, vocab_size: int, num_classes: int):
         """A config from a variant's merged params."""
         fields = options.model_dump()
-        return cls(
-            variant, vocab_size, num_classes, **fields | {"ngram_bag": tuple(fields["ngram_bag"])}
-        )
+        fields |= {"ngram_bag": tuple(fields["ngram_bag"]), "ngram_dim": fields["ngram_dim"] or 0}
+        return cls(variant, vocab_size, num_classes, **fields)
 
     def to_dict(self) -> dict:
         """Plain dict, for checkpoints and MLflow params."""
@@ -329,16 +329,17 @@ class RNNClassifier(nn.Module):
         features = cfg.hidden_size * (2 if cfg.bidirectional else 1)
         self.pool = Pool(cfg.pool, features)
         self.bag = None
+        bag_features = 0
         if cfg.ngram_bag:
+            bag_features = cfg.ngram_dim or cfg.embedding_dim
             self.bag = NgramBag(
                 cfg.ngram_bag,
                 cfg.ngram_buckets,
-                cfg.embedding_dim,
+                bag_features,
                 cfg.vocab_size,
                 cfg.ngram_dropout,
             )
         self.dropout = fused.Dropout(cfg.dropout)
-        bag_features = cfg.embedding_dim if self.bag is not None else 0
         self.head = nn.Linear(self.pool.out_features + bag_features, cfg.num_classes)
 
     def inputs(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

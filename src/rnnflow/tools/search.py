@@ -48,6 +48,7 @@ SPACE: dict[str, tuple] = {
     "model.defaults.dropout": ("float", 0.0, 0.5),
     "model.defaults.embedding_dropout": ("float", 0.0, 0.3),
     "model.defaults.ngram_dropout": ("float", 0.0, 0.4),  # read where the n-gram bag is on
+    "model.defaults.ngram_dim": ("categorical", [32, 64, 128]),  # the same
     "train.lr": ("log", 5e-4, 1e-2),
     "train.schedule": ("categorical", ["constant", "cosine"]),
     "train.label_smoothing": ("float", 0.0, 0.2),
