@@ -1,7 +1,7 @@
 """The fused CPU kernels (rnnflow.model.fused, recurrence.cpp): the recurrence computes
 nn.RNN's, nn.GRU's and nn.LSTM's function (the same outputs and the same gradients of every
-weight and input), the max pooling torch's masked max, and dropout's mask has dropout's
-distribution."""
+weight and input), the max pooling torch's masked max, dropout's mask has dropout's
+distribution, and the n-gram bag has NgramBag's bits."""
 
 import logging
 import os
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rnnflow.model import fused
-from rnnflow.model.network import RNNClassifier, masked_max
+from rnnflow.model.network import NgramBag, RNNClassifier, masked_max
 
 from .test_models import make, padded
 
@@ -356,3 +356,71 @@ def test_dropout_falls_back_to_torch_where_the_kernels_do_not_apply(monkeypatch)
     assert calls == [0.1, 0.2, 0.3]
     fused.dropout(x, 0.4, training=True)
     assert calls == [0.1, 0.2, 0.3]
+
+
+# ------------------------------------------------------------------------------ n-gram bag
+
+
+def bag_and_grad(bag, tokens, lengths, seed, kernel=True):
+    """The bag's output and its table's gradient for fixed output weights, from `seed`."""
+    bag.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # n-gram dropout's draws
+    if kernel:
+        out = bag(tokens, lengths)
+    else:
+        with fused.off():
+            out = bag(tokens, lengths)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    (out * weights).sum().backward()
+    return out.detach(), bag.table.weight.grad.clone()
+
+
+@pytest.mark.parametrize(
+    ("ngrams", "buckets", "dim", "vocab", "p", "lengths"),
+    [
+        ((2, 3), 16384, 64, 60, 0.2, [10, 3, 1, 0, 7, 10]),  # the char-level default
+        ((2, 3), 97, 5, 60, 0.0, [42, 1, 17]),  # no dropout; collisions in 97 rows
+        ((1, 2, 3, 4, 5), 1000, 33, 30000, 0.3, [130, 2, 64]),  # word ids, more than 256 n-grams
+        ((3,), 16, 4, 5, 0.5, [2, 1]),  # every text shorter than its n-grams: zeros
+    ],
+)
+def test_ngram_bag_has_the_modules_bits(ngrams, buckets, dim, vocab, p, lengths):
+    """Training on the CPU, NgramBag runs through the kernel: the same output and the same
+    table gradient to the bit as its own ops, the same n-gram dropout draws included."""
+    torch.manual_seed(len(lengths))
+    bag = NgramBag(ngrams, buckets, dim, vocab, p).train()
+    tokens, lengths = padded(lengths, vocab=vocab)
+    calls = []
+    kernel = fused.ngram_bag
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused, "ngram_bag", lambda *a: calls.append(a[1].shape) or kernel(*a))
+        out, grad = bag_and_grad(bag, tokens, lengths, seed=5)
+    ref, ref_grad = bag_and_grad(bag, tokens, lengths, seed=5, kernel=False)
+    assert calls == [tokens.shape] and out.shape == (len(lengths), dim)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+    counted = (lengths >= min(ngrams)).sum().item()
+    assert (out.abs().sum(1) > 0).sum() <= counted  # a text with no n-gram inside: zeros
+    assert grad.abs().sum() > 0 if counted else grad.abs().sum() == 0
+    again, _ = bag_and_grad(bag, tokens, lengths, seed=6)
+    assert p == 0 or not counted or not torch.equal(again, out)  # other draws, other n-grams
+
+
+def test_ngram_bag_never_reads_padding_and_evaluates_through_its_own_ops(monkeypatch):
+    torch.manual_seed(0)
+    bag = NgramBag((2, 3), 64, 6, 30, 0.0).train()
+    tokens, lengths = padded([5, 2, 4])
+    noisy = tokens.clone()
+    noisy[1, 2:], noisy[2, 4:] = 29, 17  # past each end
+    with torch.enable_grad():
+        assert torch.equal(bag(tokens, lengths), bag(noisy, lengths))
+    calls = []
+    monkeypatch.setattr(fused, "ngram_bag", lambda *a: calls.append(1))
+    bag(tokens.int(), lengths)  # training: the kernel (int32 tokens too)
+    with torch.no_grad():
+        bag(tokens, lengths)
+    bag.eval()(tokens, lengths)
+    with fused.off():
+        bag.train()(tokens, lengths)
+    bag.use_kernel = False  # the bench's baseline
+    bag(tokens, lengths)
+    assert calls == [1]  # not without gradients, in evaluation, with the kernels off or unused

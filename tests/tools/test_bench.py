@@ -22,6 +22,9 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
         limit = results["matmul_limit_gflops"]
         assert r["share_of_matmul_limit"] == r["train_gflops"] / limit
         assert "gpu_busy_share" not in r  # CUDA only
+        # the builtin data are read by characters: each variant also trains with its bag
+        assert r["bag_tokens_per_s"] > 0 and r["bag_ops_tokens_per_s"] > 0
+        assert r["bag_kernel_speedup"] == r["bag_tokens_per_s"] / r["bag_ops_tokens_per_s"]
     for rows in results["latency"].values():
         for b in ("batch1", "batch64"):
             lat = rows[b]
@@ -30,7 +33,8 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
     assert pad["bucketed"]["pad_fraction"] < pad["global_max"]["pad_fraction"]
     assert results["peak_rss_mb"] > 50 and results["machine"]["cpu_count"] >= 1
     md = bench.to_markdown(results)
-    assert md.count("\n| rnn") == 4 and "fp32 matmul limit" in md  # 2 tables x rnn, rnn_cell
+    assert md.count("\n| rnn") == 6 and "fp32 matmul limit" in md  # 3 tables x rnn, rnn_cell
+    assert "the bag's kernel" in md
 
 
 def test_flops_per_token_count_every_recurrent_matmul():

@@ -277,7 +277,8 @@ class NgramBag(nn.Module):
     [B, dim]. The hash is a polynomial in the token ids, base `vocab_size`, reduced modulo
     `buckets` after every token (integer ops that ONNX runs as they are). An n-gram counts
     only if all its tokens are before the text's length, so padding never enters the mean.
-    Training, each n-gram is left out of the mean with chance `dropout` (none left: zeros)."""
+    Training, each n-gram is left out of the mean with chance `dropout` (none left: zeros);
+    on the CPU through fused.ngram_bag, one kernel call with this module's bits."""
 
     def __init__(
         self, ngrams: tuple[int, ...], buckets: int, dim: int, vocab_size: int, dropout: float = 0.0
@@ -286,6 +287,7 @@ class NgramBag(nn.Module):
         self.ngrams, self.buckets, self.base = tuple(ngrams), buckets, vocab_size
         self.dropout = dropout
         self.table = nn.Embedding(buckets, dim)
+        self.use_kernel = True  # training on the CPU: through fused.ngram_bag (the bench's A/B)
 
     def ids(self, tokens: torch.Tensor, lengths: torch.Tensor):
         """Bucket ids [B, M] of the n-grams starting at every step, per length n (M = T times
@@ -305,6 +307,13 @@ class NgramBag(nn.Module):
         return torch.cat(ids, dim=1), torch.cat(valid, dim=1).unsqueeze(-1)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and self.training and fused.trains(self.table.weight):
+            shape = (tokens.shape[0], tokens.shape[1] * len(self.ngrams), 1)  # valid's, below
+            draws = torch.rand(shape) if self.dropout else None
+            table = self.table.weight
+            return fused.ngram_bag(
+                table, tokens, lengths, self.ngrams, self.base, draws, self.dropout
+            )
         ids, valid = self.ids(tokens, lengths)
         if self.training and self.dropout:
             valid = valid & (torch.rand(valid.shape, device=valid.device) >= self.dropout)

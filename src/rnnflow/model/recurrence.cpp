@@ -1,6 +1,6 @@
 // rnnflow's CPU training kernels, compiled on first use by rnnflow/model/fused.py: the
 // recurrence of nn.RNN (tanh, relu), nn.GRU and nn.LSTM, one layer and one direction, forward
-// and backward; below it, max pooling over the valid steps and dropout's mask.
+// and backward; below it, max pooling over the valid steps, dropout's mask and the n-gram bag.
 //
 // Why: torch's CPU RNN runs every step as a dozen small ops with their autograd nodes, each
 // a few microseconds of dispatch, so at batch 64 and hidden 128 the step is mostly overhead.
@@ -292,6 +292,84 @@ at::Tensor dropout_mask(at::IntArrayRef size, double p, int64_t seed) {
   return mask;
 }
 
+// The n-gram bag (network.py's NgramBag) in one call: tokens [B, T], lengths [B], the table
+// [K, D] -> the mean row of each text's n-grams [B, D], with the bucket ids [B, M] and the
+// n-grams counted [B, M] (bool) that the backward reads (M = T times the number of lengths).
+// An n-gram of length n starting at step t hashes as NgramBag.ids does: h = n, then
+// h = (h * base + token) % buckets for each of its n tokens (PAD_ID, 0, past the end); it
+// counts where t + n - 1 < length and, training with n-gram dropout, where its draw from
+// torch.rand is >= p. The mean is taken with the same ATen ops as NgramBag's (embedding,
+// where, sum, division by the count clamped to 1), so it has the same bits; what is saved is
+// the forty-odd small ops that hash, mask and count, and their backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& tokens,
+                                                         const at::Tensor& lengths,
+                                                         const at::Tensor& table,
+                                                         at::IntArrayRef ngrams, int64_t base,
+                                                         const c10::optional<at::Tensor>& draws,
+                                                         double p) {
+  TORCH_CHECK(tokens.dim() == 2 && at::isIntegralType(tokens.scalar_type(), false),
+              "ngram_bag: tokens must be an integer [B, T] tensor");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == tokens.size(0),
+              "ngram_bag: lengths must be [B]");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kFloat,
+              "ngram_bag: table must be a float32 [K, D] tensor");
+  const int64_t B = tokens.size(0), T = tokens.size(1), N = ngrams.size(), M = N * T;
+  const int64_t K = table.size(0);
+  TORCH_CHECK(!draws || draws->numel() == B * M, "ngram_bag: draws must have B * M values");
+  auto tok = tokens.to(at::kLong).contiguous();
+  auto len = lengths.to(at::kLong).contiguous();
+  auto ids = at::empty({B, M}, tok.options());
+  auto valid = at::empty({B, M}, tok.options().dtype(at::kBool));
+  auto drawn = draws ? draws->contiguous() : at::Tensor();
+  const int64_t* tk = tok.data_ptr<int64_t>();
+  const float* u = draws ? drawn.data_ptr<float>() : nullptr;
+  int64_t* id = ids.data_ptr<int64_t>();
+  bool* ok = valid.data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t size = len.data_ptr<int64_t>()[b];
+    for (int64_t g = 0; g < N; ++g) {
+      const int64_t n = ngrams[g];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t at_m = b * M + g * T + t;
+        int64_t h = n;
+        for (int64_t k = t; k < t + n; ++k) h = (h * base + (k < T ? tk[b * T + k] : 0)) % K;
+        id[at_m] = h;
+        ok[at_m] = t + n - 1 < size && !(u && u[at_m] < static_cast<float>(p));
+      }
+    }
+  }
+  // NgramBag: masked_mean(self.table(ids), valid, valid.sum((1, 2)))
+  auto mask = valid.unsqueeze(-1);
+  auto rows = at::embedding(table, ids);
+  auto total = at::where(mask, rows, at::zeros_like(rows)).sum(1);
+  auto count = valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
+  return {total / count, ids, valid};
+}
+
+// ngram_bag's gradient for the table [K, D]: each counted n-gram's row gets the output's
+// gradient over its text's count, in the order of the n-grams, as autograd's embedding
+// backward adds them (it also adds the zeros of the n-grams not counted).
+at::Tensor ngram_bag_backward(const at::Tensor& grad, const at::Tensor& ids,
+                              const at::Tensor& valid, int64_t buckets) {
+  const int64_t B = ids.size(0), M = ids.size(1), D = grad.size(1);
+  auto count = valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
+  auto g = (grad / count).contiguous();  // the division's gradient, as autograd computes it
+  auto out = at::zeros({buckets, D}, g.options());
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const bool* ok = valid.data_ptr<bool>();
+  float* o = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const float* __restrict__ d = g.data_ptr<float>() + b * D;
+    for (int64_t m = 0; m < M; ++m) {
+      if (!ok[b * M + m]) continue;
+      float* __restrict__ row = o + id[b * M + m] * D;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < D; ++j) row[j] += d[j];
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnflow_recurrence, m) {
@@ -302,6 +380,10 @@ TORCH_LIBRARY(rnnflow_recurrence, m) {
   m.def("max_pool(Tensor states, Tensor lengths) -> (Tensor, Tensor)");
   m.def("max_pool_backward(Tensor grad, Tensor index, int steps) -> Tensor");
   m.def("dropout_mask(int[] size, float p, int seed) -> Tensor");
+  m.def(
+      "ngram_bag(Tensor tokens, Tensor lengths, Tensor table, int[] ngrams, int base,"
+      " Tensor? draws, float p) -> (Tensor, Tensor, Tensor)");
+  m.def("ngram_bag_backward(Tensor grad, Tensor ids, Tensor valid, int buckets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnnflow_recurrence, CPU, m) {
@@ -309,6 +391,8 @@ TORCH_LIBRARY_IMPL(rnnflow_recurrence, CPU, m) {
   m.impl("backward", backward);
   m.impl("max_pool", max_pool);
   m.impl("max_pool_backward", max_pool_backward);
+  m.impl("ngram_bag", ngram_bag);
+  m.impl("ngram_bag_backward", ngram_bag_backward);
 }
 
 // No tensor goes in, so the dispatcher finds no backend: the mask is the CPU's.

@@ -12,8 +12,10 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
   no buckets). With the FLOPs a token costs (forward and backward of every recurrent
   matmul), `now` becomes train_gflops and share_of_matmul_limit. On CUDA, also the share of
   a step's wall time the GPU computes (the rest is launch overhead). The models are the
-  variants without the n-gram bag (`model.ngram_bag`): this section measures the recurrence;
-  the bag's cost shows in the pipeline's training times (docs "Performance").
+  variants without the n-gram bag (`model.ngram_bag`): this section measures the recurrence.
+  Where params give a bag (the char level), each variant also trains with it twice, in
+  interleaved rounds of their own: `bag`, as the pipeline does, and `bag_ops`, the bag
+  through its module's own ops instead of its kernel (the same bits): bag_kernel_speedup.
 - latency: PyTorch eager vs onnxruntime on the same exported model, batch 1 and 64.
 - size: prepare, tokenize, pack and one epoch of gru on generated corpora (10k, 100k and 1M
   texts by default): seconds and peak RSS of each stage's process.
@@ -178,6 +180,25 @@ def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict
     return out
 
 
+def bag_contenders(params: Params, train: PackedSplit, device: torch.device) -> dict:
+    """name -> (model, optimizer, batches): bag and bag_ops for every variant whose params
+    give an n-gram bag (none on words). Timed in rounds of their own: after the tutorial's
+    batches, padded to the global max, the next contender starts on a cold cache."""
+    vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
+    count = (ROUNDS + 1) * BATCHES_PER_ROUND
+    batches = _batches(train, params.pack.batch_size, True, params.pack.bucket_pool, count)
+    out = {}
+    for variant in params.model.variants:
+        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
+        for way in ("bag", "bag_ops") if cfg.ngram_bag else ():
+            torch.manual_seed(params.seed)
+            model = RNNClassifier(cfg).to(device)
+            model.bag.use_kernel = way == "bag"
+            optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=True)
+            out[f"{variant}/{way}"] = (model, optimizer, batches)
+    return out
+
+
 def train_rates(runners: dict, device: torch.device, clip_norm: float) -> dict[str, float]:
     """Median real tokens/s per contender: a warm-up chunk each, then ROUNDS interleaved
     rounds, each timing every contender on its next chunk of batches with run_epoch."""
@@ -188,7 +209,8 @@ def train_rates(runners: dict, device: torch.device, clip_norm: float) -> dict[s
             if device.type == "cuda":
                 torch.cuda.synchronize()
             # nn, before, tutorial: torch's own ops throughout
-            with nullcontext() if name.endswith("/now") else fused.off():
+            kernels = name.endswith(("/now", "/bag", "/bag_ops"))
+            with nullcontext() if kernels else fused.off():
                 result = run_epoch(model, chunk, device, optimizer, clip_norm)
             if r:  # round 0 warms up
                 rates[name].append(result.tokens / result.seconds)
@@ -255,6 +277,7 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
     train = PackedSplit.load(PACKED / "train.npz")
     runners = contenders(params, train, device)
     rates = train_rates(runners, device, params.train.clip_norm)
+    rates |= train_rates(bag_contenders(params, train, device), device, params.train.clip_norm)
     vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
     out = {}
     for variant in params.model.variants:
@@ -274,6 +297,10 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
         }
         if limit:
             row["share_of_matmul_limit"] = row["train_gflops"] / limit
+        if f"{variant}/bag" in rates:
+            row["bag_tokens_per_s"] = rates[f"{variant}/bag"]
+            row["bag_ops_tokens_per_s"] = rates[f"{variant}/bag_ops"]
+            row["bag_kernel_speedup"] = row["bag_tokens_per_s"] / row["bag_ops_tokens_per_s"]
         busy = gpu_busy_share(*runners[f"{variant}/now"], device, params.train.clip_norm)
         if busy is not None:
             row["gpu_busy_share"] = busy
@@ -285,7 +312,12 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
         print(
             f"bench train {variant}: {now:,.0f} tok/s ({row['speedup_vs_nn']:.2f}x nn.*, "
             f"{row['speedup_vs_before']:.2f}x before, "
-            f"{row['speedup_vs_tutorial']:.2f}x tutorial), {row['train_gflops']:.1f} GFLOP/s",
+            f"{row['speedup_vs_tutorial']:.2f}x tutorial), {row['train_gflops']:.1f} GFLOP/s"
+            + (
+                f"; with the bag {row['bag_kernel_speedup']:.2f}x"
+                if "bag_tokens_per_s" in row
+                else ""
+            ),
             flush=True,
         )
     return out
@@ -504,6 +536,18 @@ def to_markdown(results: dict) -> str:
                 f"| {r['speedup_vs_tutorial']:.2f}x | {r['train_gflops']:.1f} "
                 f"| {'-' if share is None else f'{share:.2f}'} |"
             )
+        bags = {name: r for name, r in results["variants"].items() if "bag_tokens_per_s" in r}
+        if bags:
+            lines += [
+                "",
+                "| variant | with the bag tok/s | the bag's own ops tok/s | the bag's kernel |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {name} | {r['bag_tokens_per_s']:,.0f} | {r['bag_ops_tokens_per_s']:,.0f} "
+                f"| {r['bag_kernel_speedup']:.2f}x |"
+                for name, r in bags.items()
+            ]
         lines.append("")
     if limit:
         lines.append(f"- fp32 matmul limit: {limit:.0f} GFLOP/s")
