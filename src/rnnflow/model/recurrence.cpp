@@ -301,6 +301,12 @@ at::Tensor dropout_mask(at::IntArrayRef size, double p, int64_t seed) {
 // torch.rand is >= p. The mean is taken with the same ATen ops as NgramBag's (embedding,
 // where, sum, division by the count clamped to 1), so it has the same bits; what is saved is
 // the forty-odd small ops that hash, mask and count, and their backward.
+// The divisor of each text's mean, [B, 1] float: its n-grams counted, at least 1 (NgramBag's
+// valid.sum((1, 2)).clamp(min=1), as masked_mean takes it).
+at::Tensor bag_counts(const at::Tensor& valid) {
+  return valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& tokens,
                                                          const at::Tensor& lengths,
                                                          const at::Tensor& table,
@@ -325,8 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& token
   const float* u = draws ? drawn.data_ptr<float>() : nullptr;
   int64_t* id = ids.data_ptr<int64_t>();
   bool* ok = valid.data_ptr<bool>();
+  const int64_t* sizes = len.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t size = len.data_ptr<int64_t>()[b];
+    const int64_t size = sizes[b];
     for (int64_t g = 0; g < N; ++g) {
       const int64_t n = ngrams[g];
       for (int64_t t = 0; t < T; ++t) {
@@ -342,8 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& token
   auto mask = valid.unsqueeze(-1);
   auto rows = at::embedding(table, ids);
   auto total = at::where(mask, rows, at::zeros_like(rows)).sum(1);
-  auto count = valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
-  return {total / count, ids, valid};
+  return {total / bag_counts(valid), ids, valid};
 }
 
 // ngram_bag's gradient for the table [K, D]: each counted n-gram's row gets the output's
@@ -352,8 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& token
 at::Tensor ngram_bag_backward(const at::Tensor& grad, const at::Tensor& ids,
                               const at::Tensor& valid, int64_t buckets) {
   const int64_t B = ids.size(0), M = ids.size(1), D = grad.size(1);
-  auto count = valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
-  auto g = (grad / count).contiguous();  // the division's gradient, as autograd computes it
+  auto g = (grad / bag_counts(valid)).contiguous();  // the division's gradient, as autograd's
   auto out = at::zeros({buckets, D}, g.options());
   const int64_t* id = ids.data_ptr<int64_t>();
   const bool* ok = valid.data_ptr<bool>();
