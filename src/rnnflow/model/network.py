@@ -25,6 +25,30 @@ from rnnflow.core.variants import VARIANTS
 from rnnflow.data.text import PAD_ID
 from rnnflow.model import fused
 
+# The float unary ops ATen computes on the CPU through MKL's vector math, VML
+# (aten/src/ATen/cpu/vml.h); the models use tanh (nn.RNN, nn.GRU, the cell loops).
+VML_OPS = (
+    "acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp",
+    "log", "log10", "log2", "sin", "sqrt", "tan", "tanh", "trunc",
+)  # fmt: skip
+
+
+def warm_vector_math() -> None:
+    """Call each of VML_OPS once on this thread, float32 and float64. oneMKL 2024.2 (torch
+    2.13's) picks a VML function's kernel on its first call; when that first call runs on
+    several threads at once (an op on more than a few thousand elements), one thread's share
+    can come from a low-accuracy kernel, for that call only (pytorch/pytorch#188792). Here:
+    a tanh 5.0e-5 from float64 instead of 3.2e-8, on the main thread's rows of a model's first
+    batch, in about 1 process in 30 (docs "ONNX and serving"). Called once, it stays right:
+    so this runs when the module is imported, before any model computes."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for name in VML_OPS:
+            getattr(torch, name)(x)
+
+
+warm_vector_math()
+
 
 @dataclass(frozen=True)
 class ModelConfig:

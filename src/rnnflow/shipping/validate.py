@@ -170,14 +170,8 @@ def validate_bundle(params: Params, variant: str, packed_dir: Path = PACKED) -> 
 
     test = PackedSplit.load(packed_dir / "test.npz")
     cases = parity_cases(test, params.pack.batch_size, params.pack.max_len)
-    torch_fn = _logits_fn(model)
-    # PyTorch's first forward in a freshly forked stage process has come out up to 9e-5 off
-    # on the rows its main thread computed (4 validate stages in 54; the same batch computed
-    # again in that process gave the usual logits; docs "ONNX and serving"): the measured
-    # pass starts after one forward of the first batch.
-    torch_fn(next(parity_cases(test, params.pack.batch_size, params.pack.max_len))[1])
     report = check_parity(
-        torch_fn,
+        _logits_fn(model),
         onnx_fn,
         cases,
         params.parity.atol,
