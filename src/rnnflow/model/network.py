@@ -38,9 +38,10 @@ def warm_vector_math() -> None:
     2.13's) picks a VML function's kernel on its first call; when that first call runs on
     several threads at once (an op on more than a few thousand elements), one thread's share
     can come from a low-accuracy kernel, for that call only (pytorch/pytorch#188792). Here:
-    a tanh 5.0e-5 from float64 instead of 3.2e-8, on the main thread's rows of a model's first
-    batch, in about 1 process in 30 (docs "ONNX and serving"). Called once, it stays right:
-    so this runs when the module is imported, before any model computes."""
+    a tanh 5.0e-5 from float64 instead of 3.2e-8 on the main thread's rows of a model's first
+    batch, in 1 process in 20 to 50; a cell loop's first training step then had other
+    gradients in 7 of 400 (docs "ONNX and serving"). Called once, it stays right: so this
+    runs when the module is imported, before any model computes."""
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
         for name in VML_OPS:
