@@ -292,6 +292,12 @@ at::Tensor dropout_mask(at::IntArrayRef size, double p, int64_t seed) {
   return mask;
 }
 
+// The divisor of each text's mean, [B, 1] float: its n-grams counted, at least 1 (NgramBag's
+// valid.sum((1, 2)).clamp(min=1), as masked_mean takes it).
+at::Tensor bag_counts(const at::Tensor& valid) {
+  return valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
+}
+
 // The n-gram bag (network.py's NgramBag) in one call: tokens [B, T], lengths [B], the table
 // [K, D] -> the mean row of each text's n-grams [B, D], with the bucket ids [B, M] and the
 // n-grams counted [B, M] (bool) that the backward reads (M = T times the number of lengths).
@@ -301,12 +307,6 @@ at::Tensor dropout_mask(at::IntArrayRef size, double p, int64_t seed) {
 // torch.rand is >= p. The mean is taken with the same ATen ops as NgramBag's (embedding,
 // where, sum, division by the count clamped to 1), so it has the same bits; what is saved is
 // the forty-odd small ops that hash, mask and count, and their backward.
-// The divisor of each text's mean, [B, 1] float: its n-grams counted, at least 1 (NgramBag's
-// valid.sum((1, 2)).clamp(min=1), as masked_mean takes it).
-at::Tensor bag_counts(const at::Tensor& valid) {
-  return valid.sum(1).clamp_min(1).unsqueeze(1).to(at::kFloat);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ngram_bag(const at::Tensor& tokens,
                                                          const at::Tensor& lengths,
                                                          const at::Tensor& table,
