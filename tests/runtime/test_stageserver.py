@@ -183,6 +183,36 @@ def test_off_means_every_stage_runs_in_its_own_process(tmp_path, server_env):
     assert "not running" in status.stdout  # and none was started
 
 
+def test_a_server_leaves_nothing_behind(tmp_path):
+    """Its socket and its lock file go with it, whether it idles out (after
+    RNNFLOW_STAGE_SERVER_IDLE seconds) or is stopped. Each interpreter and package set gets
+    a server of its own, so lock files left behind piled up in /tmp, one per venv and
+    install."""
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    env = _server_env(tmp) | {"RNNFLOW_STAGE_SERVER_IDLE": "2"}
+
+    def ours() -> list[str]:  # (torch's cache folder lands in TMPDIR too)
+        return sorted(p.name for p in tmp.iterdir() if p.name.startswith("rnnflow"))
+
+    a = checkout(tmp_path / "a", "a")
+    warm(a, env)
+    assert [Path(name).suffix for name in ours()] == [".sock", ".lock"]
+    for _ in range(100):  # idle for 2 s, then gone
+        if not ours():
+            break
+        time.sleep(0.2)
+    assert ours() == []
+    warm(a, env | {"RNNFLOW_STAGE_SERVER_IDLE": "60"})
+    stop = [sys.executable, "-m", "rnnflow.runtime.stageserver", "stop"]
+    stopped = subprocess.run(stop, env=env, cwd=REPO / "src", capture_output=True, text=True)
+    assert "stage server stopped" in stopped.stdout
+    assert ours() == []
+    status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
+    asked = subprocess.run(status, env=env, cwd=REPO / "src", capture_output=True, text=True)
+    assert "not running" in asked.stdout and ours() == []  # asking creates nothing
+
+
 def test_a_long_tmpdir_still_gets_a_server(tmp_path):
     """A Unix socket's path holds at most 107 bytes: under a longer TMPDIR the socket moves
     to a private folder under /tmp, one per TMPDIR, and stages are still served warm."""

@@ -108,7 +108,13 @@ WRITER = textwrap.dedent(
 def test_two_processes_on_a_new_sqlite_store_lose_nothing(tmp_path):
     """Both create the store's tables at the same instant; every run survives."""
     uri = f"sqlite:///{tmp_path}/fresh.db"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO / "src")}
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    env = os.environ | {
+        "MLFLOW_TRACKING_URI": uri,
+        "PYTHONPATH": str(REPO / "src"),
+        "TMPDIR": str(tmpdir),
+    }
     start = __import__("time").time() + 6  # both wait for the same moment, imports done
     procs = [
         subprocess.Popen(
@@ -126,6 +132,8 @@ def test_two_processes_on_a_new_sqlite_store_lose_nothing(tmp_path):
         found = mlflow.search_runs(experiment_names=[runs.EXPERIMENT], output_format="list")
     assert sorted(r.data.tags["writer"] for r in found) == ["0"] * 5 + ["1"] * 5
     assert all(r.info.status == "FINISHED" for r in found)
+    # locked through the store's folder: no lock file of ours left (MLflow keeps its own)
+    assert [p.name for p in tmpdir.iterdir() if p.name.startswith("rnnflow")] == []
 
 
 def test_stages_run_the_code_of_their_own_checkout(tmp_path):

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -169,13 +170,35 @@ def test_a_bad_timeout_is_one_error_naming_the_variable(monkeypatch):
         pass
 
 
-def test_a_failing_rank_is_one_error_naming_it():
+def _rank():
+    with distributed.joined(torch.device("cpu")) as world:
+        return world.rank
+
+
+@pytest.fixture
+def private_tmpdir(tmp_path, monkeypatch) -> Path:
+    """TMPDIR of this process and the processes it starts: a new empty folder."""
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    return folder
+
+
+def test_a_failing_rank_is_one_error_naming_it(private_tmpdir):
     with pytest.raises(RnnflowError) as info:
         distributed.launch(2, _fail_on_rank_1, name="train@gru")
     message = str(info.value)
     assert message.startswith("train@gru: rank 1 of the run (pid ")
     assert message.endswith("failed: data/packed/train.npz: not a packed split (bad zip)")
     assert "\n" not in message
+    assert list(private_tmpdir.iterdir()) == []  # the ranks' error files went with the launch
+
+
+def test_a_launch_returns_rank_0s_result_and_leaves_no_folder(private_tmpdir):
+    """torch's launcher alone would leave a torchelastic_* folder per launch in TMPDIR."""
+    assert distributed.launch(2, _rank, name="probe") == 0
+    assert list(private_tmpdir.iterdir()) == []
 
 
 # ------------------------------------------------------------------ slow: the stage itself
@@ -312,7 +335,7 @@ def test_two_machines_joined_by_torchrun_only_rank_0_writes(data_workspace, tmp_
         cmd = (
             f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc-per-node 1 "
             f"--node-rank {rank} --master-addr 127.0.0.1 --master-port {port} "
-            "-m stages.train rnn_cell_deep"
+            f"--log-dir {tmp_path / f'logs{rank}'} -m stages.train rnn_cell_deep"
         )
         procs.append(
             subprocess.Popen(

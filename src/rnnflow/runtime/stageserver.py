@@ -208,7 +208,11 @@ def _start_server(path: Path) -> None:
     """Start a server in the background, detached, unless one is starting already."""
     if _locked(path):
         return
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "RNNFLOW_STAGE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DVC_", "RNNFLOW_STAGE")) or k == IDLE  # the server reads IDLE
+    }
     subprocess.Popen(
         [sys.executable, "-m", "rnnflow.runtime.stageserver", "serve"],
         cwd=str(Path(__file__).resolve().parents[2]),  # src/: this checkout's rnnflow
@@ -222,31 +226,68 @@ def _start_server(path: Path) -> None:
 
 def _locked(path: Path) -> bool:
     """Whether a server holds (or is starting with) the lock of `path`."""
+    lock = Path(f"{path}.lock")
     try:
-        with open(f"{path}.lock", "a") as fh:
+        with open(lock, "rb") as fh:  # not created here: a server removes it when it exits
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fh, fcntl.LOCK_UN)
         return False
     except BlockingIOError:
         return True
+    except FileNotFoundError:
+        return not os.access(lock.parent, os.W_OK)  # no server could create it: start none
     except OSError:
-        return True  # cannot even create the lock file: do not start servers
+        return True
+
+
+def _hold(lock: Path):
+    """The lock file `lock`, open and flock-ed by this process, or None when another process
+    holds it. A server removes its lock file as it exits, so the file opened may be one just
+    removed (its lock then free, but no longer the one others see): then the new one."""
+    while True:
+        fh = open(lock, "a")  # noqa: SIM115 - held by the caller
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fh.fileno()), lock.stat()):
+                return fh
+        fh.close()
+
+
+def _release(lock, path: Path) -> None:
+    """Remove the socket and the lock file (still ours: held), then let go of the lock."""
+    with contextlib.suppress(OSError):
+        if path.is_socket():
+            path.unlink()
+    with contextlib.suppress(OSError):
+        Path(lock.name).unlink()
+    lock.close()
 
 
 # ------------------------------------------------------------------------------ the server
 
 
 def serve(idle_seconds: float) -> int:
-    """Preload, then fork a supervised child per connection until idle for idle_seconds."""
-    path = socket_path()
-    lock = open(f"{path}.lock", "a")  # noqa: SIM115 - held for the server's lifetime
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """Preload, then fork a supervised child per connection until idle for idle_seconds;
+    the socket and the lock file go with the server."""
+    path, server = socket_path(), os.getpid()
+    lock = _hold(Path(f"{path}.lock"))
+    if lock is None:
         return 0  # another server owns this socket
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        return _serve(path, lock, idle_seconds)
+    finally:
+        if os.getpid() == server:  # not in a forked supervisor
+            _release(lock, path)
+
+
+def _serve(path: Path, lock, idle_seconds: float) -> int:
     os.chdir("/")  # hold no checkout's directory
     base_path = sys.path[1:]  # [0] is src/ of the checkout that started us; then PYTHONPATH
     for name in PRELOAD:
@@ -270,27 +311,22 @@ def serve(idle_seconds: float) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     supervisors: set[int] = set()
     last = time.monotonic()
-    try:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                supervisors = {pid for pid in supervisors if _alive(pid)}
-                if not supervisors and time.monotonic() - last > idle_seconds:
-                    return 0
-                continue
-            last = time.monotonic()
-            pid = os.fork()
-            if pid == 0:
-                listener.close()
-                lock.close()
-                _supervise(conn, base_path)  # never returns
-            supervisors.add(pid)
-            conn.close()
-    finally:
-        with contextlib.suppress(OSError):
-            if path.exists() and path.is_socket():
-                path.unlink()
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            supervisors = {pid for pid in supervisors if _alive(pid)}
+            if not supervisors and time.monotonic() - last > idle_seconds:
+                return 0
+            continue
+        last = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            lock.close()
+            _supervise(conn, base_path)  # never returns
+        supervisors.add(pid)
+        conn.close()
 
 
 def _warm_mlflow() -> None:

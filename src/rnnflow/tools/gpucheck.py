@@ -229,6 +229,7 @@ def gpu_check(
         check.note("bench", results=found, summary=_bench_summary(found))
 
         torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        torchrun += ["--log-dir", str(tmp / "torchrun")]  # else a /tmp/torchelastic_* stays
         check.run("torchrun", [*torchrun, "-m", "stages.train", "gru"])
         timing = check.json("metrics/timing/train_gru.json")
         check.note(

@@ -89,14 +89,22 @@ def _artifact_location(uri: str) -> str | None:
 def _init_lock(uri: str) -> Iterator[None]:
     """One process at a time creates a store's tables. MLflow's tracking and registry stores
     each run the schema migrations when tables are missing, unguarded in the registry's case;
-    two workers doing it at once on a new sqlite file silently lose records."""
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"rnnflow-mlflow-init-{digest}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    two workers doing it at once on a new sqlite file silently lose records. A sqlite store
+    is locked through its folder (an flock on the directory, which leaves no file behind:
+    a lock file per store piled up in /tmp, one per test workspace); another store through
+    a file of its own in the temp folder."""
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:////") else None
+    if folder is not None and folder.is_dir():
+        fd = os.open(folder, os.O_RDONLY)
+    else:
+        digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+        lock = Path(tempfile.gettempdir()) / f"rnnflow-mlflow-init-{digest}.lock"
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 @functools.cache

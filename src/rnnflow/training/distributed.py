@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -144,26 +145,44 @@ def launch(processes: int, fn: Callable[..., Any], *args: Any, name: str) -> Any
     If a rank fails or is killed, the launcher stops the others and this raises one
     RnnflowError naming the rank and the cause; no rank is restarted.
     """
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=processes,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",  # a free loopback port
-        local_addr="127.0.0.1",
-        max_restarts=0,
-        start_method="spawn",
-        shutdown_timeout=SHUTDOWN_SECONDS,
-    )
-    with _quiet("torch.distributed.elastic", "torch.multiprocessing"), _no_tracker_warning():
-        try:
-            return elastic_launch(config, _rank_main)(os.getpid(), fn, *args)[0]
-        except ChildFailedError as err:
-            raise RnnflowError(f"{name}: {describe_failure(err.failures)}") from None
+    # The ranks' error files (what describe_failure reads) go to a folder of this launch's,
+    # removed with it. Left to torch, each launch leaves a /tmp/torchelastic_* folder, and
+    # each failed rank a pytorch-errorfile-*.pickle (torch.multiprocessing, in the temp
+    # folder of the launching process: pointed at this one while the launch runs).
+    with tempfile.TemporaryDirectory(prefix="rnnflow-ranks-") as logs, _temp_folder(logs):
+        config = LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=processes,
+            logs_specs=DefaultLogsSpecs(log_dir=logs),
+            run_id=uuid.uuid4().hex,
+            rdzv_backend="c10d",
+            rdzv_endpoint="127.0.0.1:0",  # a free loopback port
+            local_addr="127.0.0.1",
+            max_restarts=0,
+            start_method="spawn",
+            shutdown_timeout=SHUTDOWN_SECONDS,
+        )
+        with _quiet("torch.distributed.elastic", "torch.multiprocessing"), _no_tracker_warning():
+            try:
+                return elastic_launch(config, _rank_main)(os.getpid(), fn, *args)[0]
+            except ChildFailedError as err:
+                raise RnnflowError(f"{name}: {describe_failure(err.failures)}") from None
+
+
+@contextmanager
+def _temp_folder(folder: str) -> Iterator[None]:
+    """tempfile's folder in this process is `folder` inside the block."""
+    before = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
 
 
 def _rank_main(launcher: int, fn: Callable[..., Any], *args: Any) -> Any:
