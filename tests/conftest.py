@@ -204,6 +204,12 @@ CHROMIUM_FLAGS = (
 )
 
 
+def chromium_env(profile: Path) -> dict:
+    """Chromium's environment: its temporary files (an org.chromium.Chromium.* folder for
+    the profile's lock socket, which it leaves in /tmp) in the profile's folder."""
+    return os.environ | {"TMPDIR": str(profile)}
+
+
 def browser_text(url: str, profile: Path, budget_ms: int = 20000) -> str:
     """The visible text of `url` after headless Chromium has run its scripts for `budget_ms`
     of virtual time (React pages fetch their data first)."""
@@ -215,7 +221,11 @@ def browser_text(url: str, profile: Path, budget_ms: int = 20000) -> str:
         pytest.fail("chromium missing: `make test` installs Debian's chromium (make system-deps)")
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
     out = subprocess.run(
-        [chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+        [chromium, *flags, "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=chromium_env(profile),
     )
     dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", out.stdout, flags=re.S)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))

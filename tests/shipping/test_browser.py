@@ -22,7 +22,14 @@ from rnnflow.shipping.predict import Predictor
 from rnnflow.tools import demo
 from rnnflow.training.train import train_variant
 
-from ..conftest import CHROMIUM_FLAGS, REPO, data_stages, small_params, write_params
+from ..conftest import (
+    CHROMIUM_FLAGS,
+    REPO,
+    chromium_env,
+    data_stages,
+    small_params,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 ORT_DIST = REPO / demo.ORT_DIST
@@ -88,7 +95,9 @@ class Page:
         if chromium is None:
             pytest.fail("chromium missing: `make test` installs Debian's chromium")
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
-        self.proc = subprocess.Popen([chromium, *flags, "about:blank"], stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [chromium, *flags, "about:blank"], stderr=subprocess.DEVNULL, env=chromium_env(profile)
+        )
         active = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not active.is_file() or not active.read_text().strip():
