@@ -2,6 +2,8 @@
 
 import os
 import random
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,69 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def busy_elsewhere(seconds: float = 0.1, ours: tuple[int, ...] = ()) -> float | None:
+    """How many cores other processes kept busy over the next `seconds` (and, in a virtual
+    machine, the host: its steal time): the machine's busy time less this process's and
+    the processes' in `ours`, per second, from /proc. None where /proc/stat cannot be read
+    (not Linux)."""
+
+    def busy() -> float | None:
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(n) for n in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    def mine() -> list[float]:
+        times = os.times()
+        return [times.user + times.system, *(cpu_seconds(pid) for pid in ours)]
+
+    start, own, clock = busy(), mine(), time.monotonic()
+    time.sleep(seconds)
+    end = busy()
+    if start is None or end is None:
+        return None
+    used = sum(max(0.0, after - before) for before, after in zip(own, mine(), strict=True))
+    return max(0.0, end - start - used) / (time.monotonic() - clock)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process `pid` has used (/proc/PID/stat's utime and stime), 0 when it is
+    gone or unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def crowding(threads: int, cores: int, elsewhere: float | None) -> str | None:
+    """Why `threads` torch threads would share the cores with other busy processes, or None
+    when they would not: more than one thread, and fewer than threads - 0.5 cores left free.
+    There every parallel region waits for a thread the scheduler took away, and two-thread
+    training ran 3-38x slower beside one busy loop (docs "Performance")."""
+    if threads <= 1 or elsewhere is None or cores - elsewhere >= threads - 0.5:
+        return None
+    return (
+        f"{elsewhere:.1f} of {cores} cores are busy with other processes; training on "
+        f'{threads} threads beside them can run many times slower (docs "Performance"). '
+        "RNNFLOW_THREADS=1 trains on one (other float bits, so slightly other metrics)"
+    )
+
+
+def warn_if_crowded(name: str) -> None:
+    """Print one warning when this process's torch threads would share the cores (see
+    crowding); 0.1 s of looking at the machine. The stage server counts as ours: a first
+    stage may find it importing torch and MLflow, a few seconds on one core."""
+    from rnnflow.runtime.stageserver import server_pid
+
+    threads = torch.get_num_threads()
+    server = server_pid()
+    elsewhere = busy_elsewhere(ours=(server,) if server else ())
+    why = threads > 1 and crowding(threads, os.cpu_count() or 1, elsewhere)
+    if why:
+        print(f"{name}: warning: {why}", file=sys.stderr, flush=True)

@@ -514,6 +514,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def server_pid() -> int | None:
+    """The pid of this interpreter's server, while one runs (or starts), else None."""
+    try:
+        path = socket_path()
+    except OSError:
+        return None
+    return _server_pid(path) if _locked(path) else None
+
+
 def _server_pid(path: Path) -> int | None:
     """The server's pid, which it writes into the lock file it holds."""
     try:

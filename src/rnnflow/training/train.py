@@ -534,6 +534,8 @@ def train_variant(params: Params, variant: str, packed_dir: Path = PACKED) -> di
 
 
 def _train_in(world: World, device, params: Params, variant: str, packed_dir: Path) -> dict:
+    if device.type == "cpu" and world.size == 1:
+        host.warn_if_crowded(f"train@{variant}")
     trainer = Trainer.build(params, variant, packed_dir, device, world)
     ledger = Ledger(params, trainer, packed_dir)
     state = ledger.resume()
