@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,10 +205,17 @@ CHROMIUM_FLAGS = (
 )
 
 
-def chromium_env(profile: Path) -> dict:
-    """Chromium's environment: its temporary files (an org.chromium.Chromium.* folder for
-    the profile's lock socket, which it leaves in /tmp) in the profile's folder."""
-    return os.environ | {"TMPDIR": str(profile)}
+@contextmanager
+def chromium_env():
+    """Chromium's environment, with TMPDIR a short folder of its own, removed afterwards.
+    Chromium puts its profile lock's socket in an org.chromium.Chromium.* folder there and
+    leaves it behind; a Unix socket's path holds at most 107 bytes, too few for pytest's
+    tmp_path."""
+    folder = tempfile.mkdtemp(prefix="rnnflow-chromium-")
+    try:
+        yield os.environ | {"TMPDIR": folder}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def browser_text(url: str, profile: Path, budget_ms: int = 20000) -> str:
@@ -220,12 +228,13 @@ def browser_text(url: str, profile: Path, budget_ms: int = 20000) -> str:
     if chromium is None:
         pytest.fail("chromium missing: `make test` installs Debian's chromium (make system-deps)")
     flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
-    out = subprocess.run(
-        [chromium, *flags, "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=chromium_env(profile),
-    )
+    with chromium_env() as env:
+        out = subprocess.run(
+            [chromium, *flags, "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
     dom = re.sub(r"<(script|style)[^>]*>.*?</\1>", " ", out.stdout, flags=re.S)
     return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,11 @@ class Page:
         if chromium is None:
             pytest.fail("chromium missing: `make test` installs Debian's chromium")
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0"]
+        self.env = ExitStack()  # TMPDIR's folder, removed at close()
         self.proc = subprocess.Popen(
-            [chromium, *flags, "about:blank"], stderr=subprocess.DEVNULL, env=chromium_env(profile)
+            [chromium, *flags, "about:blank"],
+            stderr=subprocess.DEVNULL,
+            env=self.env.enter_context(chromium_env()),
         )
         active = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 60
@@ -159,6 +163,7 @@ class Page:
     def close(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.env.close()
 
 
 @pytest.fixture(scope="module")

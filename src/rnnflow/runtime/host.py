@@ -89,32 +89,41 @@ def busy_elsewhere(seconds: float = 0.1, ours: tuple[int, ...] = ()) -> float | 
     machine, the host: its steal time): the machine's busy time less this process's and
     the processes' in `ours`, per second, from /proc. None where /proc/stat cannot be read
     (not Linux)."""
-
-    def busy() -> float | None:
-        try:
-            with open("/proc/stat") as stat:
-                ticks = [int(n) for n in stat.readline().split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    def mine() -> list[float]:
-        times = os.times()
-        return [times.user + times.system, *(cpu_seconds(pid) for pid in ours)]
-
-    start, own, clock = busy(), mine(), time.monotonic()
+    pids = (os.getpid(), *ours)
+    machine, own, clock = machine_busy_seconds(), [cpu_seconds(p) for p in pids], time.monotonic()
     time.sleep(seconds)
-    end = busy()
-    if start is None or end is None:
+    after = machine_busy_seconds()
+    if machine is None or after is None:
         return None
-    used = sum(max(0.0, after - before) for before, after in zip(own, mine(), strict=True))
-    return max(0.0, end - start - used) / (time.monotonic() - clock)
+    spent = [(before, cpu_seconds(p)) for p, before in zip(pids, own, strict=True)]
+    return share_elsewhere((machine, after), spent, time.monotonic() - clock)
+
+
+def share_elsewhere(
+    machine: tuple[float, float], ours: list[tuple[float, float]], wall: float
+) -> float:
+    """Cores busy elsewhere: the machine's busy seconds between two readings less those of
+    our processes (each (before, after); a process gone since reads 0 and counts nothing),
+    per second of wall time."""
+    used = sum(max(0.0, after - before) for before, after in ours)
+    return max(0.0, machine[1] - machine[0] - used) / wall
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all cores have been busy since boot (/proc/stat: user, nice, system, irq,
+    softirq and steal), None where it cannot be read."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(n) for n in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time process `pid` has used (/proc/PID/stat's utime and stime), 0 when it is
-    gone or unreadable."""
+    """The CPU time process `pid` has used, all its threads (/proc/PID/stat's utime and
+    stime), 0 when it is gone or unreadable."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
