@@ -191,26 +191,30 @@ def test_a_server_leaves_nothing_behind(tmp_path):
     tmp = tmp_path / "tmpdir"
     tmp.mkdir()
     env = _server_env(tmp) | {"RNNFLOW_STAGE_SERVER_IDLE": "5"}
+    status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
+    stop = [*status[:-1], "stop"]
 
-    def ours() -> list[str]:  # (torch's cache folder lands in TMPDIR too)
-        return sorted(p.name for p in tmp.iterdir() if p.name.startswith("rnnflow"))
+    def server(command: list[str]) -> str:
+        return subprocess.run(command, env=env, cwd=REPO / "src", capture_output=True).stdout
+
+    # in TMPDIR, or under /tmp/rnnflow-UID/ when TMPDIR's path is too long for a socket
+    socket = Path(server(status).decode().split("(")[-1].rstrip(")\n"))
+    files = [socket, Path(f"{socket}.lock")]
+
+    def left() -> list[Path]:
+        return [f for f in files if f.exists()]
 
     a = checkout(tmp_path / "a", "a")
     warm(a, env)  # served: the socket and the lock file are there
-    assert [Path(name).suffix for name in ours()] == [".sock", ".lock"]
+    assert left() == files
     for _ in range(300):  # idle for 5 s, then gone
-        if not ours():
+        if not left():
             break
         time.sleep(0.2)
-    assert ours() == []
+    assert left() == []
     warm(a, env | {"RNNFLOW_STAGE_SERVER_IDLE": "60"})
-    stop = [sys.executable, "-m", "rnnflow.runtime.stageserver", "stop"]
-    stopped = subprocess.run(stop, env=env, cwd=REPO / "src", capture_output=True, text=True)
-    assert "stage server stopped" in stopped.stdout
-    assert ours() == []
-    status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
-    asked = subprocess.run(status, env=env, cwd=REPO / "src", capture_output=True, text=True)
-    assert "not running" in asked.stdout and ours() == []  # asking creates nothing
+    assert b"stage server stopped" in server(stop) and left() == []
+    assert b"not running" in server(status) and left() == []  # asking creates nothing
 
 
 def test_a_long_tmpdir_still_gets_a_server(tmp_path):
