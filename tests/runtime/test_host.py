@@ -17,7 +17,7 @@ from ..conftest import small_params, write_params
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
 def test_busy_elsewhere_sees_a_busy_loop():
     """At least the loop's own CPU time in the same window: whatever else the machine runs
-    only adds to it. Counted as ours, the loop is left out."""
+    only adds to it. (What counts as ours is left out: the arithmetic's test, below.)"""
     loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)  # started

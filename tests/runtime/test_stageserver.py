@@ -194,7 +194,7 @@ def test_a_server_leaves_nothing_behind(tmp_path):
     status = [sys.executable, "-m", "rnnflow.runtime.stageserver", "status"]
     stop = [*status[:-1], "stop"]
 
-    def server(command: list[str]) -> str:
+    def server(command: list[str]) -> bytes:
         return subprocess.run(command, env=env, cwd=REPO / "src", capture_output=True).stdout
 
     # in TMPDIR, or under /tmp/rnnflow-UID/ when TMPDIR's path is too long for a socket

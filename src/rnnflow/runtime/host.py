@@ -152,8 +152,9 @@ def warn_if_crowded(name: str) -> None:
     from rnnflow.runtime.stageserver import server_pid
 
     threads = torch.get_num_threads()
+    if threads <= 1:  # never crowded: no need to look
+        return
     server = server_pid()
     elsewhere = busy_elsewhere(ours=(server,) if server else ())
-    why = threads > 1 and crowding(threads, os.cpu_count() or 1, elsewhere)
-    if why:
+    if why := crowding(threads, os.cpu_count() or 1, elsewhere):
         print(f"{name}: warning: {why}", file=sys.stderr, flush=True)
