@@ -365,11 +365,16 @@ def _wait_in_group(ready: str):
 
 @pytest.mark.slow
 def test_ranks_end_with_their_launcher(tmp_path):
-    """kill -9 of the launching process (the stage) leaves no rank running on."""
+    """kill -9 of the launching process (the stage) leaves no rank running on. What kill -9
+    cannot let it remove, its folder of the ranks' error files, goes to a TMPDIR of the
+    test's (before, one rnnflow-ranks-* folder in /tmp per run of this test)."""
     code = "from rnnflow.training import distributed; "
     code += "from tests.training.test_ddp import _wait_in_group as f; "
     code += f"distributed.launch(2, f, {str(tmp_path)!r}, name='t')"
-    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = os.environ | {"TMPDIR": str(temp)}
+    launcher = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
     # kill it once both ranks are in the group (a loaded machine may take many seconds to
     # import torch in a fresh rank; until its first line runs, a rank cannot end with anyone)
     deadline = time.monotonic() + 180
@@ -383,3 +388,4 @@ def test_ranks_end_with_their_launcher(tmp_path):
     while any(_alive(r) for r in ranks) and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert not any(_alive(r) for r in ranks)
+    assert [p.name[:14] for p in temp.iterdir()] == ["rnnflow-ranks-"]
