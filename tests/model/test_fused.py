@@ -3,6 +3,7 @@ nn.RNN's, nn.GRU's and nn.LSTM's function (the same outputs and the same gradien
 weight and input), the max pooling torch's masked max, dropout's mask has dropout's
 distribution, and the n-gram bag has NgramBag's bits."""
 
+import contextlib
 import logging
 import os
 import platform
@@ -424,3 +425,64 @@ def test_ngram_bag_never_reads_padding_and_evaluates_through_its_own_ops(monkeyp
     bag.use_kernel = False  # the bench's baseline
     bag(tokens, lengths)
     assert calls == [1]  # not without gradients, in evaluation, with the kernels off or unused
+
+
+# ----------------------------------------------------------------------------- denormals
+
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, 1.2e-38
+
+
+def _denormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < TINY)).sum())
+
+
+def test_denormals_are_flushed_on_every_thread_inside_the_block_only():
+    """A product large enough that ATen splits it over the threads: every half denormal
+    outside the block, zero inside it (results flushed, and denormal inputs read as zero),
+    denormal again after it; a nested block leaves the outer one's mode on."""
+    assert torch.get_num_threads() >= 2, "the check needs the intra-op threads"
+    cpu, n = torch.device("cpu"), 1 << 20
+    small, denormal = torch.full((n,), 4 * TINY), torch.full((n,), TINY / 4)
+    assert _denormals(small * 0.01) == n
+    with fused.denormals_flushed(cpu):
+        product = small * 0.01
+        assert _denormals(product) == 0 and int((product == 0).sum()) == n
+        assert float((denormal * 1.0).abs().max()) == 0.0  # an input read as zero
+        with fused.denormals_flushed(cpu):
+            pass
+        assert _denormals(small * 0.01) == 0  # still on after the inner block
+    assert _denormals(small * 0.01) == n
+    assert float((denormal * 1.0).min()) == TINY / 4
+
+
+def test_adams_decaying_moments_stay_normal_while_training():
+    """Adam's fused step on a parameter whose gradient is zero: its first moment, one step
+    from the denormal range, becomes 0 inside the block and a denormal outside it, and the
+    parameter is the same either way."""
+    cpu, n = torch.device("cpu"), 1 << 20
+    results = []
+    for flush in (False, True):
+        p = nn.Parameter(torch.ones(n))
+        adam = torch.optim.Adam([p], lr=1e-3, fused=True)
+        p.grad = torch.full((n,), 1e-3)
+        adam.step()
+        adam.state[p]["exp_avg"].fill_(1.1 * TINY)
+        p.grad = torch.zeros(n)
+        with fused.denormals_flushed(cpu) if flush else contextlib.nullcontext():
+            adam.step()
+        results.append((_denormals(adam.state[p]["exp_avg"]), p.detach().clone()))
+    (kept, p_ieee), (flushed, p_flushed) = results
+    assert kept == n and flushed == 0
+    assert torch.equal(p_ieee, p_flushed)
+
+
+def test_denormals_stay_ieee_where_the_kernels_are_off_or_on_cuda(monkeypatch):
+    """RNNFLOW_FUSED=0 and off() are torch's stock arithmetic; a CUDA device has its own."""
+    small = torch.full((1 << 20,), 4 * TINY)
+    with fused.off(), fused.denormals_flushed(torch.device("cpu")):
+        assert _denormals(small * 0.01) == 1 << 20
+    with fused.denormals_flushed(torch.device("cuda")):
+        assert _denormals(small * 0.01) == 1 << 20
+    monkeypatch.setenv("RNNFLOW_FUSED", "0")
+    with fused.denormals_flushed(torch.device("cpu")):
+        assert _denormals(small * 0.01) == 1 << 20

@@ -8,9 +8,10 @@ from ..conftest import small_params, write_params
 def test_bench_reports_every_measurement(workspace, monkeypatch):
     monkeypatch.setattr(bench, "ROUNDS", 1)
     monkeypatch.setattr(bench, "BATCHES_PER_ROUND", 2)
+    monkeypatch.setattr(bench, "DENORMAL_EPOCHS", 2)
     raw = small_params()
     raw["model"]["variants"] = {"rnn": {}, "rnn_cell": {}, "lstm": {}}
-    sections = ("matmul", "train", "latency")
+    sections = ("matmul", "train", "denormals", "latency")
     results = bench.run_bench(write_params(workspace, raw), sections, ())
     assert results["matmul_limit_gflops"] > 1
     assert set(results["variants"]) == set(results["latency"]) == {"rnn", "rnn_cell", "lstm"}
@@ -25,6 +26,11 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
         # the builtin data are read by characters: each variant also trains with its bag
         assert r["bag_tokens_per_s"] > 0 and r["bag_ops_tokens_per_s"] > 0
         assert r["bag_kernel_speedup"] == r["bag_tokens_per_s"] / r["bag_ops_tokens_per_s"]
+    for r in results["denormals"].values():
+        assert len(r["ieee_tokens_per_s"]) == len(r["flushed_tokens_per_s"]) == r["epochs"] == 2
+        assert r["speedup"] == r["flushed_late_tokens_per_s"] / r["ieee_late_tokens_per_s"] > 0
+        assert r["flushed_denormal_moments"] == 0
+        assert r["weights_max_abs_diff"] == 0.0  # flushing changed no weight's bits
     for rows in results["latency"].values():
         for b in ("batch1", "batch64"):
             lat = rows[b]
@@ -33,7 +39,7 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
     assert pad["bucketed"]["pad_fraction"] < pad["global_max"]["pad_fraction"]
     assert results["peak_rss_mb"] > 50 and results["machine"]["cpu_count"] >= 1
     md = bench.to_markdown(results)
-    assert md.count("\n| rnn") == 6 and "fp32 matmul limit" in md  # 3 tables x rnn, rnn_cell
+    assert md.count("\n| rnn") == 8 and "fp32 matmul limit" in md  # 4 tables x rnn, rnn_cell
     assert "the bag's kernel" in md
 
 

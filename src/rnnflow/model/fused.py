@@ -13,6 +13,7 @@ torch's, in fewer and cheaper passes.
 - The n-gram bag's hashing, masking and counting in one pass (network.NgramBag), its mean
   by the same ATen ops as the module's, and a backward that adds each counted n-gram's
   gradient to its row: the same bits, in place of some fifty small ops a step.
+- Denormal floats flushed to zero on every thread while training (`denormals_flushed`).
 
 They run when training in float32 on the CPU; evaluation, export, the parity gate and every
 other device use torch's own ops. The kernels are compiled on first use with torch's own
@@ -132,6 +133,31 @@ def _build(where: Path) -> None:
             **{name: list(flags) for name, flags in FLAGS.items()},
         )
         (where / "built").touch()
+
+
+@contextmanager
+def denormals_flushed(device: torch.device):
+    """Inside the block, floats below 1.2e-38 (denormals) are zero on every CPU thread, as
+    results and as inputs; the threads' mode of before comes back after it.
+
+    Why: Adam's first moment decays by 0.9 a step wherever a gradient is zero (the rows of
+    the embeddings and the n-gram table that no text of the batch uses), and after about 700
+    such steps it passes through the denormal range for some 60 steps before it reaches 0.
+    x86 computes with a denormal in microcode, about a hundred times slower, so from the
+    third epoch on Adam's step took 1.3x as long (docs "Performance"). Such a value's part
+    in a weight's update is below 1e-33, far under a float32 weight's rounding.
+
+    Not on CUDA (its own mode), nor where the kernels are off or unavailable: RNNFLOW_FUSED=0
+    is torch's stock arithmetic throughout."""
+    ops = kernels() if device.type == "cpu" and enabled() else None
+    if ops is None:
+        yield
+        return
+    before = ops.flush_denormals(True)
+    try:
+        yield
+    finally:
+        ops.flush_denormals(before)
 
 
 def recurrence_fits(rnn: nn.RNNBase) -> bool:

@@ -1,6 +1,7 @@
 // rnnflow's CPU training kernels, compiled on first use by rnnflow/model/fused.py: the
 // recurrence of nn.RNN (tanh, relu), nn.GRU and nn.LSTM, one layer and one direction, forward
-// and backward; below it, max pooling over the valid steps, dropout's mask and the n-gram bag.
+// and backward; below it, max pooling over the valid steps, dropout's mask, the n-gram bag and
+// a switch that flushes denormal floats to zero on every thread.
 //
 // Why: torch's CPU RNN runs every step as a dozen small ops with their autograd nodes, each
 // a few microseconds of dispatch, so at batch 64 and hidden 128 the step is mostly overhead.
@@ -18,8 +19,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 // glibc's vector versions (libmvec) of the two functions, so the gate loops vectorise
 // without -ffast-math (which glibc requires to declare them itself).
@@ -375,6 +381,36 @@ at::Tensor ngram_bag_backward(const at::Tensor& grad, const at::Tensor& ids,
   return out;
 }
 
+// Denormal floats (below 1.2e-38) to zero on the calling thread, as results (flush to zero)
+// and as inputs (denormals are zero), or back to IEEE's gradual underflow; returns whether
+// both were on before. x86's MXCSR bits FTZ and DAZ, AArch64's FPCR.FZ; elsewhere nothing.
+bool set_flush(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned bits = 0x8040;  // FTZ (bit 15), DAZ (bit 6)
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(on ? csr | bits : csr & ~bits);
+  return (csr & bits) == bits;
+#elif defined(__aarch64__)
+  const uint64_t fz = uint64_t{1} << 24;
+  uint64_t fpcr;
+  asm volatile("mrs %0, fpcr" : "=r"(fpcr));
+  asm volatile("msr fpcr, %0" : : "r"(on ? fpcr | fz : fpcr & ~fz));
+  return (fpcr & fz) != 0;
+#else
+  return false;
+#endif
+}
+
+// set_flush on the calling thread and on every thread of the intra-op pool, which ATen's
+// kernels, MKL's products and oneDNN share (torch.set_flush_denormal sets the calling thread
+// alone). A float mode is per thread: a parallel region of one index per thread reaches
+// each. Returns whether the calling thread's flush was on before.
+bool flush_denormals(bool on) {
+  const bool before = set_flush(on);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { set_flush(on); });
+  return before;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rnnflow_recurrence, m) {
@@ -389,6 +425,7 @@ TORCH_LIBRARY(rnnflow_recurrence, m) {
       "ngram_bag(Tensor tokens, Tensor lengths, Tensor table, int[] ngrams, int base,"
       " Tensor? draws, float p) -> (Tensor, Tensor, Tensor)");
   m.def("ngram_bag_backward(Tensor grad, Tensor ids, Tensor valid, int buckets) -> Tensor");
+  m.def("flush_denormals(bool on) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(rnnflow_recurrence, CPU, m) {
@@ -403,4 +440,5 @@ TORCH_LIBRARY_IMPL(rnnflow_recurrence, CPU, m) {
 // No tensor goes in, so the dispatcher finds no backend: the mask is the CPU's.
 TORCH_LIBRARY_IMPL(rnnflow_recurrence, CompositeExplicitAutograd, m) {
   m.impl("dropout_mask", dropout_mask);
+  m.impl("flush_denormals", flush_denormals);
 }

@@ -16,6 +16,11 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
   Where params give a bag (the char level), each variant also trains with it twice, in
   interleaved rounds of their own: `bag`, as the pipeline does, and `bag_ops`, the bag
   through its module's own ops instead of its kernel (the same bits): bag_kernel_speedup.
+- denormals: per variant, the pipeline's model (the bag included) trained for several
+  epochs twice from the same seed, epoch by epoch in turns: with denormal floats as IEEE
+  gives them, and flushed to zero as training does (fused.denormals_flushed). Adam's first
+  moment decays into the denormal range where gradients stay zero; tokens/s of the later
+  epochs both ways, the denormals left in Adam's moments, and whether the weights agree.
 - latency: PyTorch eager vs onnxruntime on the same exported model, batch 1 and 64.
 - size: prepare, tokenize, pack and one epoch of gru on generated corpora (10k, 100k and 1M
   texts by default): seconds and peak RSS of each stage's process.
@@ -50,18 +55,19 @@ from rnnflow.core.config import Params, load_params
 from rnnflow.core.errors import RnnflowError, run_cli
 from rnnflow.core.paths import PACKED, REPORTS
 from rnnflow.core.variants import VARIANTS
-from rnnflow.data.batching import BucketBatchSampler, PackedSplit
+from rnnflow.data.batching import BucketBatchSampler, PackedSplit, make_loader
 from rnnflow.data.pack import padding_report
 from rnnflow.model import fused
 from rnnflow.model.network import ModelConfig, RNNClassifier
 from rnnflow.runtime import host
 from rnnflow.runtime.timeline import RECORDS
 from rnnflow.training.graphs import GraphedSteps, graphable
-from rnnflow.training.train import run_epoch
+from rnnflow.training.train import epoch_schedule, run_epoch
 
-SECTIONS = ("matmul", "train", "latency", "size")
+SECTIONS = ("matmul", "train", "denormals", "latency", "size")
 ROUNDS, BATCHES_PER_ROUND = 5, 12
 BEFORE_BATCH = 64  # pack.batch_size before this release
+DENORMAL_EPOCHS = 6  # Adam's first moment reaches the denormals after ~700 zero-gradient steps
 SIZES = (10_000, 100_000, 1_000_000)
 
 
@@ -208,9 +214,9 @@ def train_rates(runners: dict, device: torch.device, clip_norm: float) -> dict[s
             chunk = batches[r * BATCHES_PER_ROUND : (r + 1) * BATCHES_PER_ROUND] or batches
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            # nn, before, tutorial: torch's own ops throughout
+            # now, bag: as fit() trains (denormals flushed); nn, before, tutorial: torch's own
             kernels = name.endswith(("/now", "/bag", "/bag_ops"))
-            with nullcontext() if kernels else fused.off():
+            with fused.denormals_flushed(device) if kernels else fused.off():
                 result = run_epoch(model, chunk, device, optimizer, clip_norm)
             if r:  # round 0 warms up
                 rates[name].append(result.tokens / result.seconds)
@@ -318,6 +324,82 @@ def bench_train(params: Params, device: torch.device, limit: float | None) -> di
                 if "bag_tokens_per_s" in row
                 else ""
             ),
+            flush=True,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- denormals
+
+
+def denormal_count(optimizer: torch.optim.Optimizer) -> int:
+    """Elements of Adam's moments that are denormal floats (nonzero, below 1.2e-38)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return sum(
+        int(((t != 0) & (t.abs() < tiny)).sum())
+        for state in optimizer.state.values()
+        for name, t in state.items()
+        if name in ("exp_avg", "exp_avg_sq")
+    )
+
+
+def bench_denormals(params: Params, device: torch.device, epochs: int) -> dict:
+    """The denormals section: per variant, two copies of the pipeline's model and Adam from
+    the same seed trained on the same batches (train.py's loader, schedule and smoothing),
+    epoch by epoch in turns (which goes first alternates): `ieee`, denormals as they come,
+    and `flushed`, as fit() trains. Tokens/s of each epoch both ways; the speedup is the
+    median over the second half of the epochs, when the moments have had time to decay."""
+    train = PackedSplit.load(PACKED / "train.npz")
+    vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
+    settings, batch = params.train, params.pack.batch_size
+    loader = make_loader(train, batch, params.pack.bucket_pool, shuffle=True, seed=params.seed)
+    steps, out = len(loader), {}
+    for variant in params.model.variants:
+        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
+        runs = {}
+        for way in ("ieee", "flushed"):
+            torch.manual_seed(params.seed)
+            model = RNNClassifier(cfg).to(device)
+            adam = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True)
+            runs[way] = (model, adam, [])
+        for epoch in range(1, epochs + 1):
+            loader.batch_sampler.set_epoch(epoch)
+            schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
+            for way in ("ieee", "flushed") if epoch % 2 else ("flushed", "ieee"):
+                model, adam, rates = runs[way]
+                torch.manual_seed(params.seed + epoch)  # the same dropout both ways
+                with fused.denormals_flushed(device) if way == "flushed" else nullcontext():
+                    result = run_epoch(
+                        model,
+                        loader,
+                        device,
+                        adam,
+                        settings.clip_norm,
+                        label_smoothing=settings.label_smoothing,
+                        lr_at=schedule,
+                    )
+                rates.append(result.tokens / result.seconds)
+        (a, adam_a, ieee), (b, adam_b, flushed) = runs["ieee"], runs["flushed"]
+        late = slice(epochs // 2, None)
+        pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+        row = {
+            "epochs": epochs,
+            "steps": epochs * steps,
+            "ieee_tokens_per_s": ieee,
+            "flushed_tokens_per_s": flushed,
+            "ieee_late_tokens_per_s": statistics.median(ieee[late]),
+            "flushed_late_tokens_per_s": statistics.median(flushed[late]),
+            "ieee_denormal_moments": denormal_count(adam_a),
+            "flushed_denormal_moments": denormal_count(adam_b),
+            "weights_max_abs_diff": max(float((x - y).abs().max()) for x, y in pairs),
+        }
+        row["speedup"] = row["flushed_late_tokens_per_s"] / row["ieee_late_tokens_per_s"]
+        out[variant] = row
+        print(
+            f"bench denormals {variant}: flushed {row['speedup']:.2f}x IEEE over epochs "
+            f"{epochs // 2 + 1}-{epochs}; {row['ieee_denormal_moments']:,} denormal moments "
+            f"against {row['flushed_denormal_moments']:,}; "
+            f"weights {row['weights_max_abs_diff']:.1e} apart",
             flush=True,
         )
     return out
@@ -493,6 +575,8 @@ def run_bench(params: Params, sections: tuple[str, ...], sizes: tuple[int, ...])
         results["padding"] = padding_report(
             train.lengths, params.pack.batch_size, params.pack.bucket_pool, seed=0
         )
+    if "denormals" in sections:
+        results["denormals"] = bench_denormals(params, device, DENORMAL_EPOCHS)
     if "latency" in sections:
         results["latency"] = bench_latency(params)
     if "size" in sections:
@@ -503,6 +587,7 @@ def run_bench(params: Params, sections: tuple[str, ...], sizes: tuple[int, ...])
         "rounds": ROUNDS,
         "batches_per_round": BATCHES_PER_ROUND,
         "hidden_size": params.model.defaults.hidden_size,
+        "denormal_epochs": DENORMAL_EPOCHS,
     }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["machine"] = {
@@ -548,6 +633,20 @@ def to_markdown(results: dict) -> str:
                 f"| {r['bag_kernel_speedup']:.2f}x |"
                 for name, r in bags.items()
             ]
+        lines.append("")
+    if "denormals" in results:
+        lines += [
+            "| variant | epochs | IEEE tok/s (later epochs) | flushed tok/s | flushed vs IEEE "
+            "| denormal moments, IEEE / flushed | weights apart |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, r in results["denormals"].items():
+            lines.append(
+                f"| {name} | {r['epochs']} | {r['ieee_late_tokens_per_s']:,.0f} "
+                f"| {r['flushed_late_tokens_per_s']:,.0f} "
+                f"| {r['speedup']:.2f}x | {r['ieee_denormal_moments']:,} / "
+                f"{r['flushed_denormal_moments']:,} | {r['weights_max_abs_diff']:.1e} |"
+            )
         lines.append("")
     if limit:
         lines.append(f"- fp32 matmul limit: {limit:.0f} GFLOP/s")
@@ -599,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        global ROUNDS, BATCHES_PER_ROUND
+        global ROUNDS, BATCHES_PER_ROUND, DENORMAL_EPOCHS
         sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
         unknown = sorted(set(sections) - set(SECTIONS))
         if not sections or unknown:
@@ -611,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
         if "size" in sections and (not sizes or min(sizes) < 100):
             raise RnnflowError(f"--sizes: expected texts per corpus >= 100, got {args.sizes!r}")
         if args.quick:
-            ROUNDS, BATCHES_PER_ROUND = 1, 2
+            ROUNDS, BATCHES_PER_ROUND, DENORMAL_EPOCHS = 1, 2, 2
         results = run_bench(load_params(), sections, sizes)
         out = Path(args.out)
         write_json(out.with_suffix(".json"), results)

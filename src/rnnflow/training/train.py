@@ -305,26 +305,27 @@ def fit(trainer: Trainer, state: TrainState, on_epoch: Callable) -> TrainState:
     learning rate is a function of the step alone, so a resumed run follows the same one."""
     settings = trainer.settings
     steps = len(trainer.train_loader)
-    for epoch in range(state.epoch + 1, settings.epochs + 1):
-        if state.bad_epochs >= settings.patience:
-            break
-        trainer.train_loader.batch_sampler.set_epoch(epoch)
-        schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
-        tr = run_epoch(
-            trainer.model,
-            trainer.train_loader,
-            trainer.device,
-            trainer.optimizer,
-            settings.clip_norm,
-            desc=f"{trainer.variant} epoch {epoch}",
-            world=trainer.world,
-            precision=settings.precision,
-            label_smoothing=settings.label_smoothing,
-            lr_at=schedule,
-        )
-        va = run_epoch(trainer.module, trainer.val_loader, trainer.device, world=trainer.world)
-        state = _next_state(state, epoch, tr, va, trainer)
-        on_epoch(state, tr)
+    with fused.denormals_flushed(trainer.device):  # Adam's decaying moments, at full speed
+        for epoch in range(state.epoch + 1, settings.epochs + 1):
+            if state.bad_epochs >= settings.patience:
+                break
+            trainer.train_loader.batch_sampler.set_epoch(epoch)
+            schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
+            tr = run_epoch(
+                trainer.model,
+                trainer.train_loader,
+                trainer.device,
+                trainer.optimizer,
+                settings.clip_norm,
+                desc=f"{trainer.variant} epoch {epoch}",
+                world=trainer.world,
+                precision=settings.precision,
+                label_smoothing=settings.label_smoothing,
+                lr_at=schedule,
+            )
+            va = run_epoch(trainer.module, trainer.val_loader, trainer.device, world=trainer.world)
+            state = _next_state(state, epoch, tr, va, trainer)
+            on_epoch(state, tr)
     return state
 
 
