@@ -11,10 +11,11 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
     monkeypatch.setattr(bench, "DENORMAL_EPOCHS", 2)
     raw = small_params()
     raw["model"]["variants"] = {"rnn": {}, "rnn_cell": {}, "lstm": {}}
-    sections = ("matmul", "train", "denormals", "latency")
+    sections = ("matmul", "train", "denormals", "clip", "latency")
     results = bench.run_bench(write_params(workspace, raw), sections, ())
     assert results["matmul_limit_gflops"] > 1
     assert set(results["variants"]) == set(results["latency"]) == {"rnn", "rnn_cell", "lstm"}
+    assert set(results["denormals"]) == set(results["clip"]) == set(results["variants"])
     for r in results["variants"].values():
         assert r["train_tokens_per_s"] > 0 and r["before_tokens_per_s"] > 0
         assert r["speedup_vs_before"] == r["train_tokens_per_s"] / r["before_tokens_per_s"]
@@ -31,6 +32,8 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
         assert r["speedup"] == r["flushed_late_tokens_per_s"] / r["ieee_late_tokens_per_s"] > 0
         assert r["flushed_denormal_moments"] == 0
         assert r["weights_max_abs_diff"] == 0.0  # flushing changed no weight's bits
+    for r in results["clip"].values():
+        assert r["now_us"] > 0 and r["speedup"] == r["stock_us"] / r["now_us"]
     for rows in results["latency"].values():
         for b in ("batch1", "batch64"):
             lat = rows[b]
@@ -39,7 +42,7 @@ def test_bench_reports_every_measurement(workspace, monkeypatch):
     assert pad["bucketed"]["pad_fraction"] < pad["global_max"]["pad_fraction"]
     assert results["peak_rss_mb"] > 50 and results["machine"]["cpu_count"] >= 1
     md = bench.to_markdown(results)
-    assert md.count("\n| rnn") == 8 and "fp32 matmul limit" in md  # 4 tables x rnn, rnn_cell
+    assert md.count("\n| rnn") == 10 and "fp32 matmul limit" in md  # 5 tables x rnn, rnn_cell
     assert "the bag's kernel" in md
 
 

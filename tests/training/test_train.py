@@ -11,7 +11,13 @@ from rnnflow.core.errors import RnnflowError
 from rnnflow.data.batching import PackedSplit, make_loader
 from rnnflow.model import checkpoint
 from rnnflow.tracking.runs import EXPERIMENT
-from rnnflow.training.train import RESUME_DIR, learning_rate, run_epoch, train_variant
+from rnnflow.training.train import (
+    RESUME_DIR,
+    clip_gradients,
+    learning_rate,
+    run_epoch,
+    train_variant,
+)
 
 from ..conftest import small_params, write_params
 
@@ -199,3 +205,29 @@ def test_a_failed_cuda_graph_capture_is_one_error_naming_the_switch(monkeypatch)
         steps(tokens, lengths)
     with torch.no_grad():  # evaluation never captures
         assert steps(tokens, lengths).shape == (4, 3)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0 / 3.0, 1.0, 3.0, float("nan")])
+def test_clipping_has_clip_grad_norm_s_bits_and_skips_the_multiply_by_one(scale):
+    """clip_gradients against nn.utils.clip_grad_norm_ on the same gradients: the same norm
+    and gradients to the bit, below the threshold, near it, above it and with a NaN. Where
+    the coefficient is 1 the gradients are not written at all (their version counters)."""
+    torch.manual_seed(0)
+    shapes = [(300, 64), (64,), (128, 128)]
+    raw = [torch.randn(s) for s in shapes]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw]))
+    grads = [g / total * scale for g in raw]  # total norm ~ scale
+    if scale != scale:
+        grads[1][3] = float("nan")
+    ours, theirs = ([torch.nn.Parameter(torch.zeros(s)) for s in shapes] for _ in range(2))
+    for a, b, g in zip(ours, theirs, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    versions = [p.grad._version for p in ours]
+    norm = clip_gradients(ours, 1.0)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=True)
+    assert torch.equal(norm, expected) or (norm.isnan() and expected.isnan())
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a.grad.nan_to_num(7.0), b.grad.nan_to_num(7.0))
+    written = [p.grad._version != v for p, v in zip(ours, versions, strict=True)]
+    clipped = not bool(1.0 / (expected + 1e-6) >= 1.0)
+    assert written == [clipped] * 3 and clipped == (scale > 0.999999 or scale != scale)

@@ -21,6 +21,10 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
   gives them, and flushed to zero as training does (fused.denormals_flushed). Adam's first
   moment decays into the denormal range where gradients stay zero; tokens/s of the later
   epochs both ways, the denormals left in Adam's moments, and whether the weights agree.
+- clip: per variant, gradient clipping on the pipeline's model's gradients of one batch,
+  scaled to a total norm of 0.5, below train.clip_norm (as in most steps after the first
+  epochs): microseconds of train.clip_gradients and of nn.utils.clip_grad_norm_ (the same
+  bits), in alternating blocks. Where the norm is above, both do the same work.
 - latency: PyTorch eager vs onnxruntime on the same exported model, batch 1 and 64.
 - size: prepare, tokenize, pack and one epoch of gru on generated corpora (10k, 100k and 1M
   texts by default): seconds and peak RSS of each stage's process.
@@ -62,9 +66,9 @@ from rnnflow.model.network import ModelConfig, RNNClassifier
 from rnnflow.runtime import host
 from rnnflow.runtime.timeline import RECORDS
 from rnnflow.training.graphs import GraphedSteps, graphable
-from rnnflow.training.train import epoch_schedule, run_epoch
+from rnnflow.training.train import clip_gradients, epoch_schedule, run_epoch
 
-SECTIONS = ("matmul", "train", "denormals", "latency", "size")
+SECTIONS = ("matmul", "train", "denormals", "clip", "latency", "size")
 ROUNDS, BATCHES_PER_ROUND = 5, 12
 BEFORE_BATCH = 64  # pack.batch_size before this release
 DENORMAL_EPOCHS = 6  # Adam's first moment reaches the denormals after ~700 zero-gradient steps
@@ -405,6 +409,41 @@ def bench_denormals(params: Params, device: torch.device, epochs: int) -> dict:
     return out
 
 
+def bench_clip(params: Params, device: torch.device, blocks: int = 7, calls: int = 50) -> dict:
+    """The clip section: per variant, the median microseconds of clip_gradients and of
+    clip_grad_norm_ on the same gradients (total norm 0.5, below train.clip_norm), over
+    alternating blocks of `calls` calls."""
+    train = PackedSplit.load(PACKED / "train.npz")
+    vocab, classes = int(train.tokens.max()) + 1, int(train.labels.max()) + 1
+    batch = _batches(train, params.pack.batch_size, True, params.pack.bucket_pool, 1)[0]
+    clip_norm, out = params.train.clip_norm, {}
+    ways = {
+        "now": lambda ps: clip_gradients(ps, clip_norm),
+        "stock": lambda ps: nn.utils.clip_grad_norm_(ps, clip_norm, foreach=True),
+    }
+    for variant in params.model.variants:
+        cfg = ModelConfig.of(variant, params.variant(variant), vocab, classes)
+        torch.manual_seed(params.seed)
+        model = RNNClassifier(cfg).to(device).train()
+        x, lengths, y = (t.to(device) for t in batch)
+        nn.functional.cross_entropy(model(x, lengths), y).backward()
+        ps = [p for p in model.parameters() if p.grad is not None]
+        scale = 0.5 * min(clip_norm, 1.0) / float(nn.utils.get_total_norm([p.grad for p in ps]))
+        for p in ps:
+            p.grad.mul_(scale)
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(blocks):
+            for way, clip in ways.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    clip(ps)
+                times[way].append((time.perf_counter() - start) / calls * 1e6)
+        now, stock = (statistics.median(times[w]) for w in ways)
+        out[variant] = {"now_us": now, "stock_us": stock, "speedup": stock / now}
+        print(f"bench clip {variant}: {stock:.0f} -> {now:.0f} us", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------- inference
 
 
@@ -577,6 +616,8 @@ def run_bench(params: Params, sections: tuple[str, ...], sizes: tuple[int, ...])
         )
     if "denormals" in sections:
         results["denormals"] = bench_denormals(params, device, DENORMAL_EPOCHS)
+    if "clip" in sections:
+        results["clip"] = bench_clip(params, device)
     if "latency" in sections:
         results["latency"] = bench_latency(params)
     if "size" in sections:
@@ -647,6 +688,16 @@ def to_markdown(results: dict) -> str:
                 f"| {r['speedup']:.2f}x | {r['ieee_denormal_moments']:,} / "
                 f"{r['flushed_denormal_moments']:,} | {r['weights_max_abs_diff']:.1e} |"
             )
+        lines.append("")
+    if "clip" in results:
+        lines += [
+            "| variant | clip_grad_norm_ us | clip_gradients us | speedup |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {r['stock_us']:.0f} | {r['now_us']:.0f} | {r['speedup']:.2f}x |"
+            for name, r in results["clip"].items()
+        ]
         lines.append("")
     if limit:
         lines.append(f"- fp32 matmul limit: {limit:.0f} GFLOP/s")
