@@ -436,11 +436,19 @@ def _denormals(t: torch.Tensor) -> int:
     return int(((t != 0) & (t.abs() < TINY)).sum())
 
 
-def test_denormals_are_flushed_on_every_thread_inside_the_block_only():
+@pytest.fixture
+def two_threads():
+    """At least two intra-op threads, on any machine (OpenMP starts them on one core too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_denormals_are_flushed_on_every_thread_inside_the_block_only(two_threads):
     """A product large enough that ATen splits it over the threads: every half denormal
     outside the block, zero inside it (results flushed, and denormal inputs read as zero),
     denormal again after it; a nested block leaves the outer one's mode on."""
-    assert torch.get_num_threads() >= 2, "the check needs the intra-op threads"
     cpu, n = torch.device("cpu"), 1 << 20
     small, denormal = torch.full((n,), 4 * TINY), torch.full((n,), TINY / 4)
     assert _denormals(small * 0.01) == n
@@ -455,7 +463,7 @@ def test_denormals_are_flushed_on_every_thread_inside_the_block_only():
     assert float((denormal * 1.0).min()) == TINY / 4
 
 
-def test_adams_decaying_moments_stay_normal_while_training():
+def test_adams_decaying_moments_stay_normal_while_training(two_threads):
     """Adam's fused step on a parameter whose gradient is zero: its first moment, one step
     from the denormal range, becomes 0 inside the block and a denormal outside it, and the
     parameter is the same either way."""
