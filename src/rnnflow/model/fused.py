@@ -144,7 +144,7 @@ def denormals_flushed(device: torch.device):
     the embeddings and the n-gram table that no text of the batch uses), and after about 700
     such steps it passes through the denormal range for some 60 steps before it reaches 0.
     x86 computes with a denormal in microcode, about a hundred times slower, so from the
-    third epoch on Adam's step took 1.3x as long (docs "Performance"). Such a value's part
+    fourth epoch on Adam's step took 1.3x as long (docs "Performance"). Such a value's part
     in a weight's update is below 1e-33, far under a float32 weight's rounding.
 
     Not on CUDA (its own mode), nor where the kernels are off or unavailable: RNNFLOW_FUSED=0

@@ -104,7 +104,7 @@ def run_epoch(
     # waits for the GPU); examples and real tokens are known on the host.
     on_device = torch.zeros((len(loader), 2), dtype=torch.float64, device=device)
     on_host = np.zeros((len(loader), 2))
-    norms = []
+    params, norms = list(model.parameters()), []
     start = time.perf_counter()
     with torch.set_grad_enabled(training):
         for i, (x, lengths, y) in enumerate(tqdm(loader, desc=desc, leave=False, disable=None)):
@@ -129,7 +129,7 @@ def run_epoch(
                     smooth = loss
                 objective = smooth / (batch_size / world.size)  # = mean over len(y) on one rank
                 (objective if counted else objective * 0.0).backward()
-                norms.append(clip_gradients(list(model.parameters()), clip_norm))
+                norms.append(clip_gradients(params, clip_norm))
                 if lr_at is not None:
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(i)
