@@ -15,6 +15,7 @@ from rnnflow.training.train import (
     RESUME_DIR,
     clip_gradients,
     learning_rate,
+    make_optimizer,
     run_epoch,
     train_variant,
 )
@@ -231,3 +232,32 @@ def test_clipping_has_clip_grad_norm_s_bits_and_skips_the_multiply_by_one(scale)
     written = [p.grad._version != v for p, v in zip(ours, versions, strict=True)]
     clipped = not bool(1.0 / (expected + 1e-6) >= 1.0)
     assert written == [clipped] * 3 and clipped == (scale > 0.999999 or scale != scale)
+
+
+def test_weight_decay_is_decoupled_and_zero_is_adam():
+    """train.weight_decay shrinks a weight by lr * weight_decay of itself a step, whatever
+    its gradient (AdamW), where Adam's L2 term would pass through the moments and move it
+    by about lr; at 0 the optimizer takes Adam's steps to the bit."""
+    settings = TrainParams(lr=0.004, weight_decay=0.1)
+    p = torch.nn.Parameter(torch.ones(1000))
+    optimizer = make_optimizer([p], settings)
+    p.grad = torch.zeros(1000)
+    optimizer.step()
+    assert torch.allclose(p.detach(), torch.full((1000,), 1 - 0.004 * 0.1), rtol=0, atol=1e-7)
+    coupled = torch.nn.Parameter(torch.ones(1000))
+    adam = torch.optim.Adam([coupled], lr=0.004, weight_decay=0.1)
+    coupled.grad = torch.zeros(1000)
+    adam.step()
+    assert torch.allclose(coupled.detach(), torch.full((1000,), 1 - 0.004), atol=1e-6)
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.Parameter(torch.randn(300)) for _ in range(2))
+    b.data.copy_(a.data)
+    ours = make_optimizer([a], TrainParams(lr=0.004, weight_decay=0.0))
+    adam = torch.optim.Adam([b], lr=0.004, fused=True)
+    for _ in range(5):
+        g = torch.randn(300)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        adam.step()
+    assert torch.equal(a, b)

@@ -107,7 +107,7 @@ class ModelSection(_Strict):
 class TrainParams(_Strict):
     epochs: int = Field(15, ge=1)
     lr: float = Field(4e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)  # AdamW's, decoupled; 0: Adam
     clip_norm: float = Field(1.0, gt=0)
     schedule: Literal["constant", "cosine"] = "cosine"  # cosine: warm-up, then cosine to 0
     warmup: float = Field(0.1, ge=0, lt=1)  # cosine: share of all steps spent warming up

@@ -4,7 +4,7 @@ Sections (`--sections`, all by default), written to reports/bench.{json,md}:
 - matmul: the machine's fp32 matrix-multiply limit in GFLOP/s (torch.utils.benchmark, at
   torch's thread count): the roof the training numbers are read against.
 - train: per variant, real tokens/s of the training loop itself (`train.run_epoch`: forward,
-  backward, clipping, Adam) four ways on the same data and sizes: `now`; `nn`, now with the
+  backward, clipping, AdamW) four ways on the same data and sizes: `now`; `nn`, now with the
   fused CPU kernels off (rnnflow.model.fused: torch's own recurrence, max pooling and
   dropout instead); `before` this release (the kernels off, packed input for the nn.*
   kinds, Adam's for-loop implementation, batches of 64); and the
@@ -66,7 +66,7 @@ from rnnflow.model.network import ModelConfig, RNNClassifier
 from rnnflow.runtime import host
 from rnnflow.runtime.timeline import RECORDS
 from rnnflow.training.graphs import GraphedSteps, graphable
-from rnnflow.training.train import clip_gradients, epoch_schedule, run_epoch
+from rnnflow.training.train import clip_gradients, epoch_schedule, make_optimizer, run_epoch
 
 SECTIONS = ("matmul", "train", "denormals", "clip", "latency", "size")
 ROUNDS, BATCHES_PER_ROUND = 5, 12
@@ -181,9 +181,11 @@ def contenders(params: Params, train: PackedSplit, device: torch.device) -> dict
             model = (TutorialModel(cfg) if way == "tutorial" else RNNClassifier(cfg)).to(device)
             if way == "before" and hasattr(model.core, "packed"):
                 model.core.packed = True  # the packed path every nn.* kind took before
-            # now, nn: Adam's fused kernel, as train.py; before: Adam's defaults, as it was
-            adam = True if way in ("now", "nn") else None
-            optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=adam)
+            # now, nn: train.py's optimizer; before, tutorial: Adam's defaults, as it was
+            if way in ("now", "nn"):
+                optimizer = make_optimizer(model.parameters(), params.train)
+            else:
+                optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
             if way in ("now", "nn") and params.train.cuda_graphs and graphable(model, device, 1):
                 model = GraphedSteps(model)  # as train.py does on CUDA
             out[f"{variant}/{way}"] = (model, optimizer, batches[way])
@@ -204,7 +206,7 @@ def bag_contenders(params: Params, train: PackedSplit, device: torch.device) -> 
             torch.manual_seed(params.seed)
             model = RNNClassifier(cfg).to(device)
             model.bag.use_kernel = way == "bag"
-            optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr, fused=True)
+            optimizer = make_optimizer(model.parameters(), params.train)
             out[f"{variant}/{way}"] = (model, optimizer, batches)
     return out
 
@@ -364,8 +366,7 @@ def bench_denormals(params: Params, device: torch.device, epochs: int) -> dict:
         for way in ("ieee", "flushed"):
             torch.manual_seed(params.seed)
             model = RNNClassifier(cfg).to(device)
-            adam = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True)
-            runs[way] = (model, adam, [])
+            runs[way] = (model, make_optimizer(model.parameters(), settings), [])
         for epoch in range(1, epochs + 1):
             loader.batch_sampler.set_epoch(epoch)
             schedule = epoch_schedule(settings, (epoch - 1) * steps, steps * settings.epochs)
