@@ -128,11 +128,14 @@ def start_queue(repo: Path, env: dict | None = None, workers: int = 2) -> None:
 
 def end_queue_workers(repo: Path, grace: float = 30) -> list[int]:
     """After the queue of `repo` drained: give its DVC workers `grace` seconds to exit, then
-    SIGKILL those that did not (see start_queue); return the pids that had to be killed."""
-    pids = []
+    SIGKILL those that did not (see start_queue); return the pids that had to be killed.
+    The workers are those of the pid files and every `dvc queue start` or `dvc exp
+    queue-worker` process working in `repo`: a later `dvc queue start` rewrites the pid
+    files, and a worker of an earlier one that outlived its queue (seen in CI) is in none."""
+    pids = set(_queue_processes(repo))
     for path in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid"):
         try:
-            pids.append(int(path.read_text().split()[0]))
+            pids.add(int(path.read_text().split()[0]))
         except (OSError, ValueError, IndexError):
             continue
     deadline = time.monotonic() + grace
@@ -143,6 +146,21 @@ def end_queue_workers(repo: Path, grace: float = 30) -> list[int]:
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     return alive
+
+
+def _queue_processes(repo: Path) -> list[int]:
+    """The pids of DVC's queue processes (`dvc queue start`, `dvc exp queue-worker`) whose
+    working directory is `repo`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = b" ".join((proc / "cmdline").read_bytes().split(b"\0"))
+            queue = b" queue-worker " in args or b" queue start" in args
+            if queue and (proc / "cwd").resolve() == repo.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _running(pid: int) -> bool:
