@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -151,15 +152,12 @@ def end_queue_workers(repo: Path, grace: float = 30) -> list[int]:
 def _queue_processes(repo: Path) -> list[int]:
     """The pids of DVC's queue processes (`dvc queue start`, `dvc exp queue-worker`) whose
     working directory is `repo`."""
+    where = str(repo.resolve())
     found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            args = b" ".join((proc / "cmdline").read_bytes().split(b"\0"))
-            queue = b" queue-worker " in args or b" queue start" in args
-            if queue and (proc / "cwd").resolve() == repo.resolve():
-                found.append(int(proc.name))
-        except OSError:
-            continue
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        args = " ".join(proc.info["cmdline"] or ())  # None where it cannot be read
+        if (" queue-worker " in args or " queue start" in args) and proc.info["cwd"] == where:
+            found.append(proc.info["pid"])
     return found
 
 
