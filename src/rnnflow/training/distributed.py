@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -192,13 +193,40 @@ def _rank_main(launcher: int, fn: Callable[..., Any], *args: Any) -> Any:
     with a lost connection: a consequence, so it waits for the launcher to see the cause
     (and stop it) instead of racing it to be reported first."""
     _end_with(launcher)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()
     try:
         return fn(*args)
     except Exception as err:
         if _lost_peer(str(err)):
             time.sleep(2 * SHUTDOWN_SECONDS)
         raise
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM raises SystemExit(143) in the main thread, so the process unwinds (`finally`
+    blocks, context managers) and exits with 128 + SIGTERM. Python ignores an exception
+    raised inside a finalizer (a __del__ or weakref callback, such as SQLAlchemy's while
+    MLflow logs), prints "Exception ignored in ..." and runs on; a SIGTERM whose SystemExit
+    is lost that way is sent again from a helper thread, and lands once the finalizer is done.
+    """
+
+    def handler(*_: Any) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = sys.unraisablehook
+
+    def resend(unraisable: Any) -> None:
+        lost = unraisable.exc_value
+        if not (isinstance(lost, SystemExit) and lost.code == 128 + signal.SIGTERM):
+            previous(unraisable)
+            return
+        # not os.kill here: in the main thread it runs the handler at once, inside this hook
+        again = threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM))
+        again.daemon = True
+        again.start()
+
+    sys.unraisablehook = resend
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _end_with(parent: int) -> None:
