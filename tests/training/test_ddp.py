@@ -202,7 +202,7 @@ def test_a_launch_returns_rank_0s_result_and_leaves_no_folder(private_tmpdir):
 
 
 SIGTERM_IN_A_FINALIZER = """
-import os, signal, sys
+import os, signal
 from rnnflow.training.distributed import exit_on_sigterm
 
 exit_on_sigterm()

@@ -209,15 +209,16 @@ def exit_on_sigterm() -> None:
     MLflow logs), prints "Exception ignored in ..." and runs on; a SIGTERM whose SystemExit
     is lost that way is sent again from a helper thread, and lands once the finalizer is done.
     """
+    code = 128 + signal.SIGTERM
 
     def handler(*_: Any) -> None:
-        raise SystemExit(128 + signal.SIGTERM)
+        raise SystemExit(code)
 
     previous = sys.unraisablehook
 
     def resend(unraisable: Any) -> None:
         lost = unraisable.exc_value
-        if not (isinstance(lost, SystemExit) and lost.code == 128 + signal.SIGTERM):
+        if not (isinstance(lost, SystemExit) and lost.code == code):
             previous(unraisable)
             return
         # not os.kill here: in the main thread it runs the handler at once, inside this hook
